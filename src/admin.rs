@@ -1,0 +1,84 @@
+//! The admin HTTP endpoint: health, readiness and metrics.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+
+use crate::bridge::Bridge;
+use crate::config::Mode;
+use crate::telemetry;
+
+#[derive(Clone)]
+struct Admin {
+    bridge: Arc<Bridge>,
+    prometheus: PrometheusHandle,
+}
+
+pub fn router(bridge: Arc<Bridge>, prometheus: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(Admin { bridge, prometheus })
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// What stands between the bridge and readiness; empty when ready.
+pub fn not_ready(bridge: &Bridge) -> Vec<&'static str> {
+    let mut why = Vec::new();
+    if bridge.shutting_down.load(Ordering::Relaxed) {
+        why.push("shutting down");
+    }
+    if !bridge.nats_connected() {
+        why.push("NATS is not connected");
+    }
+    match bridge.config.mode {
+        Mode::Server => {
+            if !bridge.socketio_listening.load(Ordering::Relaxed) {
+                why.push("the Socket.IO listener is not serving");
+            }
+        }
+        Mode::Attach => {
+            if !bridge.upstream_connected.load(Ordering::Relaxed) {
+                why.push("trade-feed is not connected");
+            }
+        }
+    }
+    why
+}
+
+async fn readyz(State(a): State<Admin>) -> Response {
+    let why = not_ready(&a.bridge);
+    if why.is_empty() {
+        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reasons": why})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(a): State<Admin>) -> String {
+    if let Some(io) = a.bridge.io() {
+        let (polling, websocket) = crate::server::clients_by_transport(io);
+        metrics::gauge!(telemetry::CLIENTS, "transport" => "polling").set(polling as f64);
+        metrics::gauge!(telemetry::CLIENTS, "transport" => "websocket").set(websocket as f64);
+    }
+    a.bridge
+        .metrics
+        .nats_connected
+        .set(if a.bridge.nats_connected() { 1.0 } else { 0.0 });
+    a.prometheus.render()
+}

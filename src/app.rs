@@ -1,0 +1,145 @@
+//! Starting, running and stopping the daemon.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::bridge::Bridge;
+use crate::config::{Config, Mode};
+use crate::route::RouteTable;
+use crate::{admin, nats, server, telemetry};
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let routes = RouteTable::compile(&config.routes).map_err(|p| {
+        anyhow::anyhow!(
+            "invalid routes: {}",
+            p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")
+        )
+    })?;
+    let prometheus = telemetry::init_metrics();
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "{}", config.summary());
+    for line in routes.describe().lines() {
+        tracing::info!("route {line}");
+    }
+    let bridge = Bridge::new(config, routes);
+    tracing::info!(instance = %bridge.instance_id, "starting");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    let admin_addr: SocketAddr = bridge.config.admin.listen.parse()?;
+    let admin_listener = TcpListener::bind(admin_addr)
+        .await
+        .with_context(|| format!("cannot listen on admin.listen {admin_addr}"))?;
+    let admin_app = admin::router(bridge.clone(), prometheus);
+    tracing::info!(addr = %admin_listener.local_addr()?, "admin endpoint (/healthz, /readyz, /metrics)");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(admin_listener, admin_app).await {
+            tracing::error!("admin endpoint stopped: {e}");
+        }
+    });
+
+    let client = nats::connect(&bridge.config.nats, &bridge).await?;
+    bridge.start_nats(client.clone());
+
+    match bridge.config.mode {
+        Mode::Server => {
+            let (app, io) = server::build(&bridge);
+            bridge.set_io(io);
+            let addr: SocketAddr = bridge.config.socketio.listen.parse()?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on socketio.listen {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, paths = ?bridge.config.socketio.paths, "Socket.IO endpoint");
+            let mut stop = stop_rx.clone();
+            let serving = bridge.clone();
+            tokio::spawn(async move {
+                let result = axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await;
+                serving.socketio_listening.store(false, Ordering::Relaxed);
+                if let Err(e) = result {
+                    tracing::error!("Socket.IO endpoint stopped: {e}");
+                }
+            });
+            bridge.socketio_listening.store(true, Ordering::Relaxed);
+            server::subscribe_nats(bridge.clone(), client.clone()).await?;
+            tokio::spawn(server::watch_idle_clients(bridge.clone()));
+        }
+        Mode::Attach => {
+            anyhow::bail!("attach mode is not available in this build");
+        }
+    }
+
+    let ready_bridge = bridge.clone();
+    tokio::spawn(async move {
+        for _ in 0..6000 {
+            if admin::not_ready(&ready_bridge).is_empty() {
+                tracing::info!(after_ms = started.elapsed().as_millis() as u64, "ready");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::warn!("not ready after 60s: {:?}", admin::not_ready(&ready_bridge));
+    });
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: refusing new clients, draining in-flight messages");
+    bridge.shutting_down.store(true, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    if let Some(io) = bridge.io() {
+        io.close().await;
+    }
+    let deadline = Instant::now() + bridge.config.drain_timeout;
+    while bridge.pending_to_nats() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = bridge.pending_to_nats();
+    if left > 0 {
+        tracing::error!(lost = left, "drain timeout: messages still waiting for NATS were not sent");
+    }
+    match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
+        Ok(Ok(())) => {}
+        _ => tracing::warn!("NATS flush did not complete"),
+    }
+    for (route, a) in bridge.routes.routes().iter().zip(&bridge.activity) {
+        tracing::info!(
+            route = %route.name,
+            to_nats = a.to_nats_count.load(Ordering::Relaxed),
+            to_socketio = a.to_socketio_count.load(Ordering::Relaxed),
+            "forwarded"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

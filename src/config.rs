@@ -1,0 +1,662 @@
+//! Configuration: a TOML file overridden by `TRADEFEED_BRIDGE_*` environment
+//! variables, merged with figment, then checked as a whole so that an operator
+//! sees every problem at once, each with its key path.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::route::{Direction, Placeholder, RouteSpec};
+
+/// Prefix of the environment variables that override the file.
+pub const ENV_PREFIX: &str = "TRADEFEED_BRIDGE_";
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Config {
+    /// `server`: the bridge is the Socket.IO hub. `attach`: it joins an
+    /// existing trade-feed as a client.
+    pub mode: Mode,
+    /// Identifies this process in NATS headers and logs; random when empty.
+    pub instance_id: String,
+    pub socketio: SocketIoConfig,
+    pub attach: AttachConfig,
+    pub admin: AdminConfig,
+    pub nats: NatsConfig,
+    pub log: LogConfig,
+    /// On SIGTERM or Ctrl-C, how long in-flight messages may take to reach NATS.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    pub routes: Vec<RouteSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    #[default]
+    Server,
+    Attach,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct SocketIoConfig {
+    pub listen: String,
+    /// Paths the Socket.IO endpoint answers on. All share one set of rooms.
+    /// Legacy trade-feed uses `/socket.io`; TraderX's ingress also uses `/trade-feed`.
+    pub paths: Vec<String>,
+    /// `["*"]` answers any origin, as the legacy hub does.
+    pub cors_origins: Vec<String>,
+    /// Send `Access-Control-Allow-Credentials: true`; needs an explicit origin list.
+    pub cors_credentials: bool,
+    /// Largest Engine.IO packet accepted from a client (legacy: 1e6 bytes).
+    pub max_payload_bytes: u64,
+    /// Packets queued per client before it is counted as falling behind.
+    pub max_buffer_packets: usize,
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub ping_timeout: Duration,
+    /// A client still subscribed to nothing this long after connecting is reported.
+    #[serde(with = "humantime_serde")]
+    pub idle_subscription_warning: Duration,
+}
+
+impl Default for SocketIoConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:18086".into(),
+            paths: vec!["/socket.io".into()],
+            cors_origins: vec!["*".into()],
+            cors_credentials: false,
+            max_payload_bytes: 1_000_000,
+            max_buffer_packets: 16_384,
+            ping_interval: Duration::from_secs(25),
+            ping_timeout: Duration::from_secs(20),
+            idle_subscription_warning: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AttachConfig {
+    /// URL of the running trade-feed, e.g. `http://trade-feed:18086`.
+    pub url: String,
+    pub path: String,
+    pub headers: std::collections::BTreeMap<String, Secret>,
+    pub auth_token: Option<Secret>,
+    /// NATS -> legacy messages kept while trade-feed is unreachable.
+    pub buffer_messages: usize,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_delay_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_delay_max: Duration,
+    /// Window in which the bridge recognises its own publishes coming back.
+    #[serde(with = "humantime_serde")]
+    pub echo_window: Duration,
+    /// NATS key-value bucket holding the active-attacher lease.
+    pub lease_bucket: String,
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for AttachConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            path: "/socket.io".into(),
+            headers: Default::default(),
+            auth_token: None,
+            buffer_messages: 10_000,
+            reconnect_delay_min: Duration::from_millis(100),
+            reconnect_delay_max: Duration::from_secs(5),
+            echo_window: Duration::from_secs(30),
+            lease_bucket: "tradefeed_bridge".into(),
+            lease_ttl: Duration::from_secs(6),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct AdminConfig {
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:18097".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct NatsConfig {
+    pub servers: Vec<String>,
+    /// Connection name shown in the NATS server's monitoring.
+    pub name: String,
+    pub token: Option<Secret>,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+    pub nkey_seed: Option<Secret>,
+    pub credentials_file: Option<PathBuf>,
+    pub tls_required: bool,
+    pub tls_ca_file: Option<PathBuf>,
+    pub tls_client_cert: Option<PathBuf>,
+    pub tls_client_key: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_delay_max: Duration,
+    /// 0 retries for ever.
+    pub max_reconnects: usize,
+    /// Largest message (body and headers) sent to NATS; 0 means the server's `max_payload`.
+    pub max_message_bytes: usize,
+    /// Socket.IO -> NATS messages queued inside the bridge before new ones are refused.
+    pub publish_queue: usize,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            name: "tradefeed-bridge".into(),
+            token: None,
+            user: None,
+            password: None,
+            nkey_seed: None,
+            credentials_file: None,
+            tls_required: false,
+            tls_ca_file: None,
+            tls_client_cert: None,
+            tls_client_key: None,
+            connect_timeout: Duration::from_secs(5),
+            reconnect_delay_max: Duration::from_secs(4),
+            max_reconnects: 0,
+            max_message_bytes: 0,
+            publish_queue: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `tradefeed_bridge=debug`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Server,
+            instance_id: String::new(),
+            socketio: SocketIoConfig::default(),
+            attach: AttachConfig::default(),
+            admin: AdminConfig::default(),
+            nats: NatsConfig::default(),
+            log: LogConfig::default(),
+            drain_timeout: Duration::from_secs(5),
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// A value that must never be printed: `Debug` and `Display` show `***`.
+#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// One thing wrong with the configuration, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem found while loading; `Display` prints one per line.
+#[derive(Debug)]
+pub struct ConfigErrors(pub Vec<Problem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{} configuration problem(s):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
+    Problem {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The figment the bridge reads: the file (when it exists or was asked for)
+/// then the environment. `TRADEFEED_BRIDGE_NATS__SERVERS='[nats://a:4222]'`
+/// sets `nats.servers`; `__` separates key levels.
+pub fn figment(path: &Path, file_required: bool) -> Result<Figment, ConfigErrors> {
+    let mut fig = Figment::new();
+    if path.exists() {
+        fig = fig.merge(Toml::file_exact(path));
+    } else if file_required {
+        return Err(ConfigErrors(vec![problem(
+            "--config",
+            format!("file {} does not exist", path.display()),
+        )]));
+    }
+    // CONFIG and LOG_* style variables used by the command line itself are not keys.
+    let env = Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]);
+    Ok(fig.merge(env))
+}
+
+/// Loads and checks the whole configuration.
+pub fn load(path: &Path, file_required: bool) -> Result<Config, ConfigErrors> {
+    let fig = figment(path, file_required)?;
+    from_figment(&fig)
+}
+
+pub fn from_figment(fig: &Figment) -> Result<Config, ConfigErrors> {
+    let mut problems = Vec::new();
+
+    // Unknown keys: walk the merged tree and note every key no field takes.
+    let tree: figment::value::Value = match fig.extract() {
+        Ok(v) => v,
+        Err(e) => return Err(ConfigErrors(figment_problems(e))),
+    };
+    let mut unknown = Vec::new();
+    let walked: Result<Config, _> =
+        serde_ignored::deserialize(&tree, |path| unknown.push(path.to_string()));
+    for key in unknown {
+        problems.push(problem(key, "unknown key (check the spelling)"));
+    }
+
+    let config = match (walked, fig.extract::<Config>()) {
+        (_, Ok(c)) => c,
+        (_, Err(e)) => {
+            problems.extend(figment_problems(e));
+            return Err(ConfigErrors(problems));
+        }
+    };
+    problems.extend(validate(&config));
+    if problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(problems))
+    }
+}
+
+fn figment_problems(e: figment::Error) -> Vec<Problem> {
+    e.into_iter()
+        .map(|err| {
+            let key = if err.path.is_empty() {
+                "(top level)".to_string()
+            } else {
+                err.path.join(".")
+            };
+            let origin = err
+                .metadata
+                .as_ref()
+                .map(|m| format!(" (from {})", m.name))
+                .unwrap_or_default();
+            problem(key, format!("{}{origin}", err.kind))
+        })
+        .collect()
+}
+
+/// Checks that need more than types: addresses, routes, TLS files, combinations.
+pub fn validate(c: &Config) -> Vec<Problem> {
+    let mut p = Vec::new();
+
+    if c.socketio.listen.parse::<SocketAddr>().is_err() {
+        p.push(problem(
+            "socketio.listen",
+            format!("`{}` is not an address like 0.0.0.0:18086", c.socketio.listen),
+        ));
+    }
+    if c.admin.listen.parse::<SocketAddr>().is_err() {
+        p.push(problem(
+            "admin.listen",
+            format!("`{}` is not an address like 0.0.0.0:18097", c.admin.listen),
+        ));
+    }
+    if c.mode == Mode::Server && c.socketio.listen == c.admin.listen {
+        p.push(problem(
+            "admin.listen",
+            "must differ from socketio.listen",
+        ));
+    }
+    if c.socketio.paths.is_empty() {
+        p.push(problem("socketio.paths", "at least one path is needed"));
+    }
+    for (i, path) in c.socketio.paths.iter().enumerate() {
+        if !path.starts_with('/') || path.len() < 2 || path.contains(['?', '#', ' ']) {
+            p.push(problem(
+                format!("socketio.paths[{i}]"),
+                format!("`{path}` must be an absolute path such as /socket.io"),
+            ));
+        }
+    }
+    if c.socketio.cors_origins.is_empty() {
+        p.push(problem(
+            "socketio.cors_origins",
+            "empty: use [\"*\"] for any origin, or list the allowed origins",
+        ));
+    }
+    let wildcard = c.socketio.cors_origins.iter().any(|o| o == "*");
+    if wildcard && c.socketio.cors_origins.len() > 1 {
+        p.push(problem(
+            "socketio.cors_origins",
+            "\"*\" cannot be combined with explicit origins",
+        ));
+    }
+    if wildcard && c.socketio.cors_credentials {
+        p.push(problem(
+            "socketio.cors_credentials",
+            "credentials need an explicit list of origins, not \"*\"",
+        ));
+    }
+    for (i, o) in c.socketio.cors_origins.iter().enumerate() {
+        if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+            p.push(problem(
+                format!("socketio.cors_origins[{i}]"),
+                format!("`{o}` is not an origin such as http://localhost:18093"),
+            ));
+        }
+    }
+    if c.socketio.max_payload_bytes < 1024 {
+        p.push(problem("socketio.max_payload_bytes", "must be at least 1024"));
+    }
+    if c.socketio.max_buffer_packets == 0 {
+        p.push(problem("socketio.max_buffer_packets", "must be at least 1"));
+    }
+    if c.socketio.ping_interval.is_zero() || c.socketio.ping_timeout.is_zero() {
+        p.push(problem(
+            "socketio.ping_interval",
+            "ping_interval and ping_timeout must be positive",
+        ));
+    }
+
+    // NATS
+    if c.nats.servers.is_empty() {
+        p.push(problem("nats.servers", "at least one server URL is needed"));
+    }
+    for (i, s) in c.nats.servers.iter().enumerate() {
+        if let Err(e) = s.parse::<async_nats::ServerAddr>() {
+            p.push(problem(format!("nats.servers[{i}]"), format!("`{s}`: {e}")));
+        } else if (s.starts_with("ws://") || s.starts_with("wss://"))
+            && s.splitn(4, '/').nth(3).is_some_and(|rest| !rest.is_empty())
+        {
+            p.push(problem(
+                format!("nats.servers[{i}]"),
+                format!(
+                    "`{s}`: a websocket URL with a path is not supported by the NATS client; \
+                     use the broker's internal nats:// address"
+                ),
+            ));
+        }
+    }
+    let auth_methods = [
+        c.nats.token.is_some(),
+        c.nats.user.is_some() || c.nats.password.is_some(),
+        c.nats.nkey_seed.is_some(),
+        c.nats.credentials_file.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if auth_methods > 1 {
+        p.push(problem(
+            "nats",
+            "choose one of token, user/password, nkey_seed or credentials_file",
+        ));
+    }
+    if c.nats.user.is_some() != c.nats.password.is_some() {
+        p.push(problem("nats.password", "user and password go together"));
+    }
+    if let Some(seed) = &c.nats.nkey_seed {
+        if !seed.expose().starts_with("SU") {
+            p.push(problem(
+                "nats.nkey_seed",
+                "is not a user NKey seed (it should start with SU)",
+            ));
+        }
+    }
+    for (key, file) in [
+        ("nats.credentials_file", &c.nats.credentials_file),
+        ("nats.tls_ca_file", &c.nats.tls_ca_file),
+        ("nats.tls_client_cert", &c.nats.tls_client_cert),
+        ("nats.tls_client_key", &c.nats.tls_client_key),
+    ] {
+        if let Some(f) = file {
+            if !f.is_file() {
+                p.push(problem(key, format!("file {} does not exist", f.display())));
+            }
+        }
+    }
+    if c.nats.tls_client_cert.is_some() != c.nats.tls_client_key.is_some() {
+        p.push(problem(
+            "nats.tls_client_key",
+            "tls_client_cert and tls_client_key go together",
+        ));
+    }
+    if c.nats.name.trim().is_empty() {
+        p.push(problem("nats.name", "must not be empty"));
+    }
+    if c.nats.publish_queue == 0 {
+        p.push(problem("nats.publish_queue", "must be at least 1"));
+    }
+
+    if c.mode == Mode::Attach {
+        if c.attach.url.is_empty() {
+            p.push(problem("attach.url", "attach mode needs the trade-feed URL"));
+        } else if !(c.attach.url.starts_with("http://") || c.attach.url.starts_with("https://")) {
+            p.push(problem(
+                "attach.url",
+                format!("`{}` must start with http:// or https://", c.attach.url),
+            ));
+        }
+        if !c.attach.path.starts_with('/') {
+            p.push(problem("attach.path", "must start with /"));
+        }
+        if c.attach.reconnect_delay_min > c.attach.reconnect_delay_max {
+            p.push(problem(
+                "attach.reconnect_delay_min",
+                "must not exceed attach.reconnect_delay_max",
+            ));
+        }
+        if c.attach.lease_ttl < Duration::from_secs(1) {
+            p.push(problem("attach.lease_ttl", "must be at least 1s"));
+        }
+    }
+
+    if !matches!(
+        tracing_subscriber::EnvFilter::try_new(&c.log.level),
+        Ok(_)
+    ) {
+        p.push(problem(
+            "log.level",
+            format!("`{}` is not a tracing filter such as info", c.log.level),
+        ));
+    }
+
+    if c.routes.is_empty() {
+        p.push(problem(
+            "routes",
+            "no routes: nothing would be mirrored (see config/traderx.toml)",
+        ));
+    }
+    p.extend(crate::route::validate_specs(&c.routes));
+    p
+}
+
+impl Config {
+    /// A one-line summary safe to log (no secrets).
+    pub fn summary(&self) -> String {
+        let auth = if self.nats.credentials_file.is_some() {
+            "credentials file"
+        } else if self.nats.nkey_seed.is_some() {
+            "nkey"
+        } else if self.nats.token.is_some() {
+            "token"
+        } else if self.nats.user.is_some() {
+            "user/password"
+        } else {
+            "none"
+        };
+        format!(
+            "mode={:?} socketio={} paths={:?} admin={} nats={:?} auth={} tls={} routes={}",
+            self.mode,
+            self.socketio.listen,
+            self.socketio.paths,
+            self.admin.listen,
+            self.nats.servers,
+            auth,
+            self.nats.tls_required || self.nats.tls_ca_file.is_some(),
+            self.routes.len()
+        )
+    }
+
+    pub fn placeholder_default() -> Placeholder {
+        Placeholder::Token
+    }
+
+    pub fn direction_default() -> Direction {
+        Direction::Both
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str) -> Result<Config, ConfigErrors> {
+        let fig = Figment::new().merge(Toml::string(toml));
+        from_figment(&fig)
+    }
+
+    const ROUTE: &str = r#"
+[[routes]]
+name = "orders"
+topic = "/trades"
+subject = "trades.new"
+type = "TradeOrder"
+"#;
+
+    #[test]
+    fn minimal_config_loads() {
+        let c = load_str(ROUTE).unwrap();
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.socketio.listen, "0.0.0.0:18086");
+        assert_eq!(c.socketio.max_payload_bytes, 1_000_000);
+    }
+
+    #[test]
+    fn unknown_keys_are_all_reported_with_paths() {
+        let err = load_str(&format!(
+            "colour = 1\n[socketio]\nlisten = \"0.0.0.0:1\"\nlisen = 2\n[nats]\nserver = \"x\"\n{ROUTE}\nprio = 3\n"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"colour"), "{keys:?}");
+        assert!(keys.contains(&"socketio.lisen"), "{keys:?}");
+        assert!(keys.contains(&"nats.server"), "{keys:?}");
+        assert!(keys.contains(&"routes.0.prio"), "{keys:?}");
+    }
+
+    #[test]
+    fn several_semantic_problems_are_reported_together() {
+        let err = load_str(&format!(
+            "[socketio]\nlisten = \"nope\"\ncors_origins = [\"*\"]\ncors_credentials = true\n[nats]\nservers = []\n{ROUTE}"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"socketio.listen"), "{keys:?}");
+        assert!(keys.contains(&"socketio.cors_credentials"), "{keys:?}");
+        assert!(keys.contains(&"nats.servers"), "{keys:?}");
+    }
+
+    #[test]
+    fn type_errors_name_their_key() {
+        let err = load_str(&format!("[socketio]\nmax_payload_bytes = \"big\"\n{ROUTE}")).unwrap_err();
+        assert!(
+            err.0.iter().any(|p| p.key == "socketio.max_payload_bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = load_str(&format!(
+            "[nats]\ntoken = \"hunter2\"\n{ROUTE}"
+        ))
+        .unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("hunter2"));
+        assert!(!c.summary().contains("hunter2"));
+        assert_eq!(c.nats.token.unwrap().expose(), "hunter2");
+    }
+
+    #[test]
+    fn websocket_url_with_path_is_refused() {
+        let err = load_str(&format!(
+            "[nats]\nservers = [\"ws://ingress:8080/nats-ws\"]\n{ROUTE}"
+        ))
+        .unwrap_err();
+        assert!(err.0.iter().any(|p| p.key == "nats.servers[0]"), "{err}");
+    }
+}

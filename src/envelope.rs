@@ -1,0 +1,274 @@
+//! The legacy envelope `{type, from, topic, date, payload}`.
+//!
+//! Envelopes are assembled as JSON text around the caller's raw JSON values,
+//! so payloads are copied byte for byte and never re-encoded on the hot path.
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// What a client may send with `publish`: `{topic, type, payload, from?, date?}`.
+#[derive(Debug, Deserialize)]
+pub struct PublishIn<'a> {
+    #[serde(borrow, default)]
+    pub topic: Option<&'a RawValue>,
+    #[serde(rename = "type", borrow, default)]
+    pub kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub payload: Option<&'a RawValue>,
+}
+
+/// The fields kept from a NATS body that is already an envelope.
+#[derive(Debug, Deserialize)]
+pub struct EnvelopeIn<'a> {
+    #[serde(rename = "type", borrow, default)]
+    pub kind: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub from: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub date: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    pub payload: Option<&'a RawValue>,
+}
+
+/// Why an input was refused; the label is the metrics `reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    NoArgument,
+    NotObject,
+    NoTopic,
+    TopicNotString,
+    BinaryPayload,
+    InvalidJson,
+    TooLarge,
+}
+
+impl Reject {
+    pub fn label(self) -> &'static str {
+        match self {
+            Reject::NoArgument => "no_argument",
+            Reject::NotObject => "not_object",
+            Reject::NoTopic => "no_topic",
+            Reject::TopicNotString => "topic_not_string",
+            Reject::BinaryPayload => "binary_payload",
+            Reject::InvalidJson => "invalid_json",
+            Reject::TooLarge => "too_large",
+        }
+    }
+
+    pub fn explain(self) -> &'static str {
+        match self {
+            Reject::NoArgument => "the event carries no argument",
+            Reject::NotObject => "the argument is not a JSON object",
+            Reject::NoTopic => "the object has no topic",
+            Reject::TopicNotString => "the topic is not a string",
+            Reject::BinaryPayload => "binary attachments are not JSON",
+            Reject::InvalidJson => "the body is not valid JSON",
+            Reject::TooLarge => "the message is larger than the configured limit",
+        }
+    }
+}
+
+/// A `publish` argument checked and taken apart.
+#[derive(Debug)]
+pub struct Publish<'a> {
+    /// The topic decoded.
+    pub topic: Cow<'a, str>,
+    /// `type`; `"message"` when absent or null, as the legacy hub does.
+    pub kind: &'a RawValue,
+    pub payload: Option<&'a RawValue>,
+}
+
+/// The JSON of the default type.
+pub const MESSAGE_TYPE_JSON: &str = "\"message\"";
+
+fn first_byte(s: &str) -> Option<u8> {
+    s.bytes().find(|b| !b.is_ascii_whitespace())
+}
+
+/// Parses the raw arguments of an event (`["publish", {...}]`) and returns
+/// the JSON text of the first argument.
+pub fn first_arg(raw_event: &str) -> Result<&RawValue, Reject> {
+    let args: Vec<&RawValue> = serde_json::from_str(raw_event).map_err(|_| Reject::InvalidJson)?;
+    args.get(1).copied().ok_or(Reject::NoArgument)
+}
+
+/// Checks a `publish` argument.
+pub fn parse_publish(arg: &RawValue) -> Result<Publish<'_>, Reject> {
+    let text = arg.get();
+    if first_byte(text) != Some(b'{') {
+        return Err(Reject::NotObject);
+    }
+    let p: PublishIn<'_> = serde_json::from_str(text).map_err(|_| Reject::NotObject)?;
+    let topic_raw = p.topic.ok_or(Reject::NoTopic)?;
+    let topic: Cow<'_, str> =
+        serde_json::from_str(topic_raw.get()).map_err(|_| Reject::TopicNotString)?;
+    let kind = match p.kind {
+        Some(k) if k.get() != "null" => k,
+        _ => message_type(),
+    };
+    Ok(Publish {
+        topic,
+        kind,
+        payload: p.payload,
+    })
+}
+
+/// An envelope on its way out, serialized field by field in the legacy
+/// order. Raw fields are copied verbatim.
+#[derive(Debug, Serialize)]
+pub struct EnvelopeOut<'a> {
+    #[serde(rename = "type")]
+    pub kind: &'a RawValue,
+    pub from: Field<'a>,
+    pub topic: &'a str,
+    pub date: Field<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<&'a RawValue>,
+}
+
+/// A field that is either passed through as received or made here.
+#[derive(Debug, Clone, Copy)]
+pub enum Field<'a> {
+    Raw(&'a RawValue),
+    Str(&'a str),
+    Num(u64),
+}
+
+impl Serialize for Field<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Field::Raw(r) => r.serialize(s),
+            Field::Str(v) => s.serialize_str(v),
+            Field::Num(n) => s.serialize_u64(*n),
+        }
+    }
+}
+
+/// `"message"`, the type the legacy hub gives untyped publishes.
+pub fn message_type() -> &'static RawValue {
+    static MESSAGE: std::sync::OnceLock<Box<RawValue>> = std::sync::OnceLock::new();
+    MESSAGE.get_or_init(|| RawValue::from_string(MESSAGE_TYPE_JSON.to_string()).expect("valid"))
+}
+
+/// Milliseconds since the Unix epoch, as the legacy hub's `Date.now()`.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// How a NATS body is turned into a legacy envelope.
+#[derive(Debug)]
+pub enum NatsBody<'a> {
+    /// An object with a string `type` and a `payload`: kept as it is.
+    Envelope(EnvelopeIn<'a>),
+    /// Anything else that is JSON: wrapped as the route's type.
+    Bare(&'a RawValue),
+}
+
+/// Classifies a NATS body; `Err` when it is not UTF-8 JSON.
+pub fn parse_nats_body(body: &[u8]) -> Result<NatsBody<'_>, Reject> {
+    let text = std::str::from_utf8(body).map_err(|_| Reject::InvalidJson)?;
+    let raw: &RawValue = serde_json::from_str(text).map_err(|_| Reject::InvalidJson)?;
+    let text = raw.get();
+    if first_byte(text) == Some(b'{') {
+        if let Ok(env) = serde_json::from_str::<EnvelopeIn<'_>>(text) {
+            let typed = env
+                .kind
+                .is_some_and(|k| first_byte(k.get()) == Some(b'"'));
+            if typed && env.payload.is_some() {
+                return Ok(NatsBody::Envelope(env));
+            }
+        }
+    }
+    Ok(NatsBody::Bare(raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arg(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_string()).unwrap()
+    }
+
+    #[test]
+    fn publish_checks() {
+        let cases: &[(&str, Result<&str, Reject>)] = &[
+            (r#"{"topic":"/trades","type":"TradeOrder","payload":{"a":1}}"#, Ok("/trades")),
+            (r#"{"topic":"/a\/b","payload":1}"#, Ok("/a/b")),
+            (r#"[1,2]"#, Err(Reject::NotObject)),
+            (r#""just text""#, Err(Reject::NotObject)),
+            (r#"42"#, Err(Reject::NotObject)),
+            (r#"null"#, Err(Reject::NotObject)),
+            (r#"{"type":"X","payload":{}}"#, Err(Reject::NoTopic)),
+            (r#"{"topic":7}"#, Err(Reject::TopicNotString)),
+            (r#"{"topic":null}"#, Err(Reject::NoTopic)),
+        ];
+        for (input, want) in cases {
+            let a = arg(input);
+            let got = parse_publish(&a).map(|p| p.topic.into_owned());
+            assert_eq!(got.as_deref().map_err(|e| *e), want.map_err(|e| e), "{input}");
+        }
+    }
+
+    #[test]
+    fn type_defaults_to_message() {
+        let a = arg(r#"{"topic":"/t","payload":{}}"#);
+        assert_eq!(parse_publish(&a).unwrap().kind.get(), MESSAGE_TYPE_JSON);
+        let a = arg(r#"{"topic":"/t","type":null}"#);
+        assert_eq!(parse_publish(&a).unwrap().kind.get(), MESSAGE_TYPE_JSON);
+        let a = arg(r#"{"topic":"/t","type":"Trade"}"#);
+        assert_eq!(parse_publish(&a).unwrap().kind.get(), "\"Trade\"");
+    }
+
+    #[test]
+    fn envelope_is_valid_json_in_legacy_field_order() {
+        let payload = arg("{\"q\":\"é ™\"}");
+        let kind = arg("\"Position\"");
+        let env = EnvelopeOut {
+            kind: &kind,
+            from: Field::Str("abc"),
+            topic: "/x",
+            date: Field::Num(17),
+            payload: Some(&payload),
+        };
+        let s = serde_json::to_string(&env).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"Position","from":"abc","topic":"/x","date":17,"payload":{"q":"é ™"}}"#
+        );
+        let env = EnvelopeOut {
+            kind: message_type(),
+            from: Field::Str("a"),
+            topic: "/x",
+            date: Field::Num(1),
+            payload: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&env).unwrap(),
+            r#"{"type":"message","from":"a","topic":"/x","date":1}"#
+        );
+    }
+
+    #[test]
+    fn nats_bodies() {
+        assert!(matches!(
+            parse_nats_body(br#"{"type":"Trade","from":"svc","date":5,"payload":{"id":"1"}}"#),
+            Ok(NatsBody::Envelope(_))
+        ));
+        // a payload that happens to have a `type` field but no payload is bare
+        assert!(matches!(
+            parse_nats_body(br#"{"type":"Buy","quantity":5}"#),
+            Ok(NatsBody::Bare(_))
+        ));
+        assert!(matches!(parse_nats_body(b"[1]"), Ok(NatsBody::Bare(r)) if r.get() == "[1]"));
+        assert!(matches!(parse_nats_body(b" 12 "), Ok(NatsBody::Bare(r)) if r.get() == "12"));
+        assert_eq!(parse_nats_body(b"{nope").unwrap_err(), Reject::InvalidJson);
+        assert_eq!(parse_nats_body(b"").unwrap_err(), Reject::InvalidJson);
+        assert_eq!(parse_nats_body(&[0xff, 0xfe]).unwrap_err(), Reject::InvalidJson);
+    }
+}

@@ -1,0 +1,13 @@
+//! tradefeed-bridge: a drop-in replacement for TraderX's Socket.IO
+//! trade-feed that mirrors its topics to NATS subjects and back, so services
+//! can move to NATS one at a time.
+
+pub mod admin;
+pub mod app;
+pub mod bridge;
+pub mod config;
+pub mod envelope;
+pub mod nats;
+pub mod route;
+pub mod server;
+pub mod telemetry;

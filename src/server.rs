@@ -1,0 +1,448 @@
+//! Server mode: the bridge is the Socket.IO hub. It reproduces the legacy
+//! trade-feed (rooms, `/*`, envelopes, System notices) and mirrors mapped
+//! topics to NATS and back.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ConnectInfo;
+use axum::http::{header, HeaderValue, Method, Request, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use futures::StreamExt;
+use serde_json::value::RawValue;
+use socketioxide::adapter::LocalAdapter;
+use socketioxide::extract::{AckSender, SocketRef};
+use socketioxide::handler::{ConnectHandler, FromMessageParts, MessageHandler, Value};
+use socketioxide::socket::Socket;
+use socketioxide::{SendError, SocketError, SocketIo, TransportType};
+use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
+
+use crate::bridge::{reply, Bridge, ClientInfo};
+use crate::envelope::{self, EnvelopeOut, Field, Reject};
+use crate::telemetry::{self, TO_NATS, TO_SOCKETIO};
+
+/// Builds the Socket.IO service and the HTTP app that serves it.
+pub fn build(bridge: &Arc<Bridge>) -> (Router, SocketIo) {
+    let cfg = &bridge.config.socketio;
+    let primary = cfg.paths[0].clone();
+    let (layer, io) = SocketIo::builder()
+        .req_path(primary.clone())
+        .max_payload(cfg.max_payload_bytes)
+        .max_buffer_size(cfg.max_buffer_packets)
+        .ping_interval(cfg.ping_interval)
+        .ping_timeout(cfg.ping_timeout)
+        .build_layer();
+    io.ns("/", Hub(bridge.clone()));
+
+    let aliases: Arc<Vec<String>> = Arc::new(cfg.paths[1..].to_vec());
+    let allowed: Option<Arc<Vec<String>>> = if cfg.cors_origins.iter().any(|o| o == "*") {
+        None
+    } else {
+        Some(Arc::new(cfg.cors_origins.clone()))
+    };
+    let cors = cors_layer(&cfg.cors_origins, cfg.cors_credentials);
+
+    let sio = tower::ServiceBuilder::new()
+        .layer(cors)
+        .layer(axum::middleware::from_fn(move |req: Request<axum::body::Body>, next: axum::middleware::Next| {
+            let allowed = allowed.clone();
+            async move {
+                if let (Some(list), Some(origin)) = (&allowed, req.headers().get(header::ORIGIN)) {
+                    let ok = origin.to_str().is_ok_and(|o| list.iter().any(|a| a == o));
+                    if !ok {
+                        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+                    }
+                }
+                next.run(req).await
+            }
+        }))
+        .layer(axum::middleware::map_request(move |mut req: Request<axum::body::Body>| {
+            let aliases = aliases.clone();
+            let primary = primary.clone();
+            async move {
+                rewrite_alias(&mut req, &aliases, &primary);
+                Ok::<_, Infallible>(req)
+            }
+        }))
+        .layer(layer)
+        .service(Router::new().fallback(not_found));
+    (Router::new().fallback_service(sio), io)
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, "not found\n").into_response()
+}
+
+/// Requests on an alias path (e.g. `/trade-feed`) are served by the one
+/// Socket.IO instance, so clients on every path share the same rooms.
+fn rewrite_alias(req: &mut Request<axum::body::Body>, aliases: &[String], primary: &str) {
+    let path = req.uri().path();
+    let Some(alias) = aliases.iter().find(|a| {
+        path.strip_prefix(a.as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }) else {
+        return;
+    };
+    let mut new = String::with_capacity(req.uri().path().len() + 16);
+    new.push_str(primary);
+    new.push_str(&path[alias.len()..]);
+    if let Some(q) = req.uri().query() {
+        new.push('?');
+        new.push_str(q);
+    }
+    if let Ok(uri) = new.parse() {
+        *req.uri_mut() = uri;
+    }
+}
+
+fn cors_layer(origins: &[String], credentials: bool) -> CorsLayer {
+    let methods = [Method::GET, Method::POST, Method::OPTIONS];
+    if origins.iter().any(|o| o == "*") {
+        CorsLayer::new()
+            .allow_origin(Any)
+            .allow_methods(methods)
+            .allow_headers(Any)
+    } else {
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(list))
+            .allow_methods(methods)
+            .allow_headers(AllowHeaders::mirror_request())
+            .allow_credentials(credentials)
+    }
+}
+
+/// The default namespace. Event handlers are registered in the connect
+/// middleware, which runs before the CONNECT reply is sent, so an event
+/// emitted the moment a client is connected always finds its handler.
+#[derive(Clone)]
+struct Hub(Arc<Bridge>);
+
+type MiddlewareFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<(), Box<dyn std::fmt::Display + Send>>> + Send + 'a>>;
+
+impl ConnectHandler<LocalAdapter, Hub> for Hub {
+    fn call(&self, s: Arc<Socket<LocalAdapter>>, _auth: Option<Value>) {
+        let info = client_info(&s);
+        tracing::info!(
+            id = %info.id,
+            remote = %info.remote_addr,
+            user_agent = %info.user_agent,
+            transport = ?s.transport_type(),
+            path = %info.path,
+            "legacy client connected"
+        );
+        self.0
+            .last_legacy_activity_ms
+            .store(info.connected_at_ms, Ordering::Relaxed);
+        self.0.clients.lock().unwrap_or_else(|e| e.into_inner()).insert(s.id, info);
+        let bridge = self.0.clone();
+        SocketRef::from(s).on_disconnect(async move |s: SocketRef, reason: socketioxide::socket::DisconnectReason| {
+            let removed = bridge.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&s.id);
+            bridge
+                .last_legacy_activity_ms
+                .store(envelope::now_ms(), Ordering::Relaxed);
+            tracing::info!(id = %s.id, ?reason, dropped = removed.map_or(0, |c| c.dropped), "legacy client disconnected");
+        });
+    }
+
+    fn call_middleware<'a>(
+        &'a self,
+        s: Arc<Socket<LocalAdapter>>,
+        _auth: &'a Option<Value>,
+    ) -> MiddlewareFuture<'a> {
+        let socket = SocketRef::from(s);
+        socket.on("subscribe", Event(self.0.clone(), Kind::Subscribe));
+        socket.on("unsubscribe", Event(self.0.clone(), Kind::Unsubscribe));
+        socket.on("unusbscribe", Event(self.0.clone(), Kind::Unsubscribe));
+        socket.on("publish", Event(self.0.clone(), Kind::Publish));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn client_info(s: &Socket<LocalAdapter>) -> ClientInfo {
+    let parts = s.req_parts();
+    let forwarded = parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(|v| v.trim().to_string());
+    let peer = parts
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string());
+    let remote_addr = match (forwarded, peer) {
+        (Some(f), Some(p)) => format!("{f} (via {p})"),
+        (Some(f), None) => f,
+        (None, Some(p)) => p,
+        (None, None) => "unknown".into(),
+    };
+    let now = envelope::now_ms();
+    ClientInfo {
+        id: s.id.as_str().to_string(),
+        remote_addr,
+        user_agent: parts
+            .headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string(),
+        path: parts.uri.path().to_string(),
+        connected_at_ms: now,
+        last_active_ms: now,
+        topics: Default::default(),
+        published: Default::default(),
+        dropped: 0,
+        warned_unsubscribed: false,
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Subscribe,
+    Unsubscribe,
+    Publish,
+}
+
+/// One legacy event. Handled synchronously, in the order the client sent
+/// them: socketioxide would otherwise spawn a task per event and two
+/// publishes from one client could overtake each other.
+#[derive(Clone)]
+struct Event(Arc<Bridge>, Kind);
+
+impl MessageHandler<LocalAdapter, Event> for Event {
+    fn call(&self, s: Arc<Socket<LocalAdapter>>, mut v: Value, ack_id: Option<i64>) {
+        let ack = ack_id.map(|_| {
+            let Ok(a) = AckSender::from_message_parts(&s, &mut v, &ack_id);
+            a
+        });
+        let (text, binary) = match &v {
+            Value::Str(text, bins) => (text.as_str(), bins.as_ref().is_some_and(|b| !b.is_empty())),
+            Value::Bytes(_) => ("", true),
+        };
+        match self.1 {
+            Kind::Publish => on_publish(&self.0, &s, text, binary, ack),
+            Kind::Subscribe => on_subscription(&self.0, &s, text, true, ack),
+            Kind::Unsubscribe => on_subscription(&self.0, &s, text, false, ack),
+        }
+    }
+}
+
+fn refuse(bridge: &Bridge, s: &Socket<LocalAdapter>, event: &str, why: Reject, route: &str, ack: Option<AckSender>) {
+    telemetry::rejected(route, TO_NATS, why.label());
+    bridge.warn_limited(
+        why.label(),
+        format_args!("refused `{event}` from client {}: {}", s.id, why.explain()),
+    );
+    reply(ack, Err(why.explain()));
+}
+
+fn on_subscription(bridge: &Bridge, s: &Socket<LocalAdapter>, text: &str, join: bool, ack: Option<AckSender>) {
+    let event = if join { "subscribe" } else { "unsubscribe" };
+    let topic: String = match envelope::first_arg(text)
+        .map_err(|r| if r == Reject::InvalidJson { Reject::NoArgument } else { r })
+        .and_then(|a| serde_json::from_str::<String>(a.get()).map_err(|_| Reject::TopicNotString))
+    {
+        Ok(t) => t,
+        Err(r) => return refuse(bridge, s, event, r, "", ack),
+    };
+    let Some(io) = bridge.io() else { return };
+    let notice = if join {
+        s.join(topic.clone());
+        format!("New Joiner {} to topic {}", s.id, topic)
+    } else {
+        format!("{} has left {}", s.id, topic)
+    };
+    {
+        let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get_mut(&s.id) {
+            c.last_active_ms = envelope::now_ms();
+            if join {
+                c.topics.insert(topic.clone());
+            } else {
+                c.topics.remove(&topic);
+            }
+        }
+    }
+    tracing::debug!(id = %s.id, %topic, event, "subscription");
+    let payload = serde_json::to_string(&serde_json::json!({ "message": notice })).expect("json");
+    let payload = RawValue::from_string(payload).expect("json");
+    let env = EnvelopeOut {
+        kind: envelope::message_type(),
+        from: Field::Str("System"),
+        topic: &topic,
+        date: Field::Num(envelope::now_ms()),
+        payload: Some(&payload),
+    };
+    deliver(bridge, io, "", &topic, &env);
+    if !join {
+        s.leave(topic);
+    }
+    reply(ack, Ok(()));
+}
+
+fn on_publish(bridge: &Bridge, s: &Socket<LocalAdapter>, text: &str, binary: bool, ack: Option<AckSender>) {
+    let received = Instant::now();
+    bridge.metrics.legacy_publishes.increment(1);
+    if binary {
+        return refuse(bridge, s, "publish", Reject::BinaryPayload, "", ack);
+    }
+    let p = match envelope::first_arg(text).and_then(envelope::parse_publish) {
+        Ok(p) => p,
+        Err(r) => return refuse(bridge, s, "publish", r, "", ack),
+    };
+    let Some(io) = bridge.io() else { return };
+    let now = envelope::now_ms();
+    bridge.last_legacy_activity_ms.store(now, Ordering::Relaxed);
+    {
+        let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = clients.get_mut(&s.id) {
+            c.last_active_ms = now;
+            match c.published.get_mut(p.topic.as_ref()) {
+                Some(n) => *n += 1,
+                None => {
+                    c.published.insert(p.topic.to_string(), 1);
+                }
+            }
+        }
+    }
+    let from = Field::Str(s.id.as_str());
+    let date = Field::Num(now);
+    let mapped = bridge.routes.to_subject(&p.topic);
+    // Everything that can refuse the message is checked before anyone gets it.
+    let outbound = match &mapped {
+        Some(m) => match bridge.prepare(m, &p.topic, p.kind, from, date, p.payload, received) {
+            Ok(o) => Some(o),
+            Err(why) => return reply(ack, Err(&why)),
+        },
+        None => None,
+    };
+    let env = EnvelopeOut {
+        kind: p.kind,
+        from,
+        topic: &p.topic,
+        date,
+        payload: p.payload,
+    };
+    let route_name = mapped.as_ref().map_or("", |m| bridge.routes.get(m.route).name.as_str());
+    deliver(bridge, io, route_name, &p.topic, &env);
+    match outbound {
+        Some(mut out) => {
+            out.ack = ack;
+            bridge.enqueue(out);
+        }
+        None => {
+            bridge.metrics.unrouted.increment(1);
+            tracing::debug!(topic = %p.topic, "publish on a topic with no route: served locally only");
+            reply(ack, Ok(()));
+        }
+    }
+}
+
+/// Emits an envelope to every socket in the topic's room and in `/*`, once
+/// each. A socket whose outgoing buffer is full misses the message: that is
+/// counted for the client and the route and logged.
+pub fn deliver(bridge: &Bridge, io: &SocketIo, route: &str, topic: &str, env: &EnvelopeOut<'_>) -> usize {
+    let sockets = io.within(vec![topic.to_string(), "/*".to_string()]).sockets();
+    let mut delivered = 0;
+    for s in sockets {
+        match s.emit("publish", env) {
+            Ok(()) => delivered += 1,
+            Err(SendError::Socket(SocketError::InternalChannelFull)) => {
+                let total = {
+                    let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
+                    clients.get_mut(&s.id).map_or(0, |c| {
+                        c.dropped += 1;
+                        c.dropped
+                    })
+                };
+                telemetry::dropped(route, TO_SOCKETIO, "client_buffer_full", 1);
+                bridge.warn_limited(
+                    "client_buffer_full",
+                    format_args!(
+                        "client {} is falling behind: a message on {topic} was dropped for it \
+                         ({total} dropped so far; socketio.max_buffer_packets = {})",
+                        s.id, bridge.config.socketio.max_buffer_packets
+                    ),
+                );
+            }
+            Err(SendError::Socket(SocketError::Closed)) => {}
+            Err(e) => tracing::error!(id = %s.id, "could not encode a message: {e}"),
+        }
+    }
+    delivered
+}
+
+/// Delivers NATS messages on the routes' subjects to the local rooms.
+pub async fn subscribe_nats(bridge: Arc<Bridge>, client: async_nats::Client) -> anyhow::Result<()> {
+    for (pattern, serves) in bridge.routes.subscriptions() {
+        let mut sub = client.subscribe(pattern.clone()).await?;
+        tracing::info!(subject = %pattern, "subscribed on NATS");
+        let bridge = bridge.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let Some(io) = bridge.io() else { continue };
+                bridge.from_nats(&msg, &serves, |route, topic, env| {
+                    let name = &bridge.routes.get(route).name;
+                    deliver(&bridge, io, name, topic, env);
+                });
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Reports clients that stay subscribed to nothing: after a hub restart a
+/// client that subscribes only once at start-up (TraderX's Java subscriber)
+/// is connected but deaf.
+pub async fn watch_idle_clients(bridge: Arc<Bridge>) {
+    let after = bridge.config.socketio.idle_subscription_warning;
+    let gauge = metrics::gauge!(telemetry::CLIENTS_UNSUBSCRIBED);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = envelope::now_ms();
+        let mut idle = 0u32;
+        let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
+        for c in clients.values_mut() {
+            if c.topics.is_empty() && now.saturating_sub(c.connected_at_ms) >= after.as_millis() as u64 {
+                idle += 1;
+                if !c.warned_unsubscribed && c.published.is_empty() {
+                    c.warned_unsubscribed = true;
+                    tracing::warn!(
+                        id = %c.id,
+                        remote = %c.remote_addr,
+                        user_agent = %c.user_agent,
+                        "legacy client has subscribed to nothing {}s after connecting; a subscriber that \
+                         subscribes only at start-up must be restarted after a bridge restart",
+                        after.as_secs()
+                    );
+                }
+            }
+        }
+        gauge.set(idle as f64);
+    }
+}
+
+/// Connected clients by transport, for metrics and the census.
+pub fn clients_by_transport(io: &SocketIo) -> (usize, usize) {
+    let mut polling = 0;
+    let mut websocket = 0;
+    for s in io.sockets() {
+        match s.transport_type() {
+            TransportType::Polling => polling += 1,
+            TransportType::Websocket => websocket += 1,
+        }
+    }
+    (polling, websocket)
+}
