@@ -18,7 +18,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let routes = RouteTable::compile(&config.routes).map_err(|p| {
         anyhow::anyhow!(
             "invalid routes: {}",
-            p.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ")
+            p.iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
         )
     })?;
     let prometheus = telemetry::init_metrics();
@@ -105,7 +108,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let left = bridge.pending_to_nats();
     if left > 0 {
-        tracing::error!(lost = left, "drain timeout: messages still waiting for NATS were not sent");
+        tracing::error!(
+            lost = left,
+            "drain timeout: messages still waiting for NATS were not sent"
+        );
     }
     match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
         Ok(Ok(())) => {}

@@ -103,7 +103,11 @@ impl Bridge {
             .iter()
             .map(|r| RawValue::from_string(r.envelope_type_json.clone()).expect("json string"))
             .collect();
-        let activity = routes.routes().iter().map(|_| RouteActivity::default()).collect();
+        let activity = routes
+            .routes()
+            .iter()
+            .map(|_| RouteActivity::default())
+            .collect();
         Arc::new(Bridge {
             max_nats_bytes: AtomicUsize::new(config.nats.max_message_bytes),
             config,
@@ -272,7 +276,11 @@ impl Bridge {
         }
     }
 
-    async fn publish_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Outbound>, client: async_nats::Client) {
+    async fn publish_loop(
+        self: Arc<Self>,
+        mut rx: mpsc::Receiver<Outbound>,
+        client: async_nats::Client,
+    ) {
         use async_nats::connection::State;
         while let Some(out) = rx.recv().await {
             let route = self.routes.get(out.route);
@@ -297,7 +305,8 @@ impl Bridge {
                 Ok(()) => {
                     let m = &self.metrics.routes[out.route];
                     m.forwarded_to_nats.increment(1);
-                    m.latency_to_nats.record(out.received.elapsed().as_secs_f64());
+                    m.latency_to_nats
+                        .record(out.received.elapsed().as_secs_f64());
                     let a = &self.activity[out.route];
                     a.to_nats_ms.store(envelope::now_ms(), Ordering::Relaxed);
                     a.to_nats_count.fetch_add(1, Ordering::Relaxed);
@@ -390,7 +399,8 @@ impl Bridge {
         deliver(mapped.route, &mapped.target, &env);
         let m = &self.metrics.routes[mapped.route];
         m.forwarded_to_socketio.increment(1);
-        m.latency_to_socketio.record(received.elapsed().as_secs_f64());
+        m.latency_to_socketio
+            .record(received.elapsed().as_secs_f64());
         let a = &self.activity[mapped.route];
         a.to_socketio_ms.store(now, Ordering::Relaxed);
         a.to_socketio_count.fetch_add(1, Ordering::Relaxed);

@@ -365,7 +365,10 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if c.socketio.listen.parse::<SocketAddr>().is_err() {
         p.push(problem(
             "socketio.listen",
-            format!("`{}` is not an address like 0.0.0.0:18086", c.socketio.listen),
+            format!(
+                "`{}` is not an address like 0.0.0.0:18086",
+                c.socketio.listen
+            ),
         ));
     }
     if c.admin.listen.parse::<SocketAddr>().is_err() {
@@ -375,10 +378,7 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         ));
     }
     if c.mode == Mode::Server && c.socketio.listen == c.admin.listen {
-        p.push(problem(
-            "admin.listen",
-            "must differ from socketio.listen",
-        ));
+        p.push(problem("admin.listen", "must differ from socketio.listen"));
     }
     if c.socketio.paths.is_empty() {
         p.push(problem("socketio.paths", "at least one path is needed"));
@@ -419,7 +419,10 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         }
     }
     if c.socketio.max_payload_bytes < 1024 {
-        p.push(problem("socketio.max_payload_bytes", "must be at least 1024"));
+        p.push(problem(
+            "socketio.max_payload_bytes",
+            "must be at least 1024",
+        ));
     }
     if c.socketio.max_buffer_packets == 0 {
         p.push(problem("socketio.max_buffer_packets", "must be at least 1"));
@@ -503,7 +506,10 @@ pub fn validate(c: &Config) -> Vec<Problem> {
 
     if c.mode == Mode::Attach {
         if c.attach.url.is_empty() {
-            p.push(problem("attach.url", "attach mode needs the trade-feed URL"));
+            p.push(problem(
+                "attach.url",
+                "attach mode needs the trade-feed URL",
+            ));
         } else if !(c.attach.url.starts_with("http://") || c.attach.url.starts_with("https://")) {
             p.push(problem(
                 "attach.url",
@@ -524,10 +530,7 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         }
     }
 
-    if !matches!(
-        tracing_subscriber::EnvFilter::try_new(&c.log.level),
-        Ok(_)
-    ) {
+    if !matches!(tracing_subscriber::EnvFilter::try_new(&c.log.level), Ok(_)) {
         p.push(problem(
             "log.level",
             format!("`{}` is not a tracing filter such as info", c.log.level),
@@ -632,7 +635,8 @@ type = "TradeOrder"
 
     #[test]
     fn type_errors_name_their_key() {
-        let err = load_str(&format!("[socketio]\nmax_payload_bytes = \"big\"\n{ROUTE}")).unwrap_err();
+        let err =
+            load_str(&format!("[socketio]\nmax_payload_bytes = \"big\"\n{ROUTE}")).unwrap_err();
         assert!(
             err.0.iter().any(|p| p.key == "socketio.max_payload_bytes"),
             "{err}"
@@ -641,10 +645,7 @@ type = "TradeOrder"
 
     #[test]
     fn secrets_do_not_print() {
-        let c = load_str(&format!(
-            "[nats]\ntoken = \"hunter2\"\n{ROUTE}"
-        ))
-        .unwrap();
+        let c = load_str(&format!("[nats]\ntoken = \"hunter2\"\n{ROUTE}")).unwrap();
         let dbg = format!("{c:?}");
         assert!(!dbg.contains("hunter2"));
         assert!(!c.summary().contains("hunter2"));

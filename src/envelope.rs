@@ -176,9 +176,7 @@ pub fn parse_nats_body(body: &[u8]) -> Result<NatsBody<'_>, Reject> {
     let text = raw.get();
     if first_byte(text) == Some(b'{') {
         if let Ok(env) = serde_json::from_str::<EnvelopeIn<'_>>(text) {
-            let typed = env
-                .kind
-                .is_some_and(|k| first_byte(k.get()) == Some(b'"'));
+            let typed = env.kind.is_some_and(|k| first_byte(k.get()) == Some(b'"'));
             if typed && env.payload.is_some() {
                 return Ok(NatsBody::Envelope(env));
             }
@@ -198,7 +196,10 @@ mod tests {
     #[test]
     fn publish_checks() {
         let cases: &[(&str, Result<&str, Reject>)] = &[
-            (r#"{"topic":"/trades","type":"TradeOrder","payload":{"a":1}}"#, Ok("/trades")),
+            (
+                r#"{"topic":"/trades","type":"TradeOrder","payload":{"a":1}}"#,
+                Ok("/trades"),
+            ),
             (r#"{"topic":"/a\/b","payload":1}"#, Ok("/a/b")),
             (r#"[1,2]"#, Err(Reject::NotObject)),
             (r#""just text""#, Err(Reject::NotObject)),
@@ -211,7 +212,11 @@ mod tests {
         for (input, want) in cases {
             let a = arg(input);
             let got = parse_publish(&a).map(|p| p.topic.into_owned());
-            assert_eq!(got.as_deref().map_err(|e| *e), want.map_err(|e| e), "{input}");
+            assert_eq!(
+                got.as_deref().map_err(|e| *e),
+                want.map_err(|e| e),
+                "{input}"
+            );
         }
     }
 
@@ -269,6 +274,9 @@ mod tests {
         assert!(matches!(parse_nats_body(b" 12 "), Ok(NatsBody::Bare(r)) if r.get() == "12"));
         assert_eq!(parse_nats_body(b"{nope").unwrap_err(), Reject::InvalidJson);
         assert_eq!(parse_nats_body(b"").unwrap_err(), Reject::InvalidJson);
-        assert_eq!(parse_nats_body(&[0xff, 0xfe]).unwrap_err(), Reject::InvalidJson);
+        assert_eq!(
+            parse_nats_body(&[0xff, 0xfe]).unwrap_err(),
+            Reject::InvalidJson
+        );
     }
 }

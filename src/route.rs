@@ -168,9 +168,7 @@ impl Template {
             segs.push(Seg::Lit(lit));
         }
         if names.len() > MAX_PLACEHOLDERS {
-            return Err(format!(
-                "`{text}`: at most {MAX_PLACEHOLDERS} placeholders"
-            ));
+            return Err(format!("`{text}`: at most {MAX_PLACEHOLDERS} placeholders"));
         }
         // Greedy capture must stop exactly where the next literal begins.
         for pair in segs.windows(2) {
@@ -298,11 +296,21 @@ impl Route {
         let mut problems = Vec::new();
         let mut names = Vec::new();
         let topic = Template::parse(&spec.topic, &mut names, &spec.placeholders)
-            .map_err(|m| problems.push(Problem { key: key("topic"), message: m }))
+            .map_err(|m| {
+                problems.push(Problem {
+                    key: key("topic"),
+                    message: m,
+                })
+            })
             .ok();
         let mut subject_names = names.clone();
         let subject = Template::parse(&spec.subject, &mut subject_names, &spec.placeholders)
-            .map_err(|m| problems.push(Problem { key: key("subject"), message: m }))
+            .map_err(|m| {
+                problems.push(Problem {
+                    key: key("subject"),
+                    message: m,
+                })
+            })
             .ok();
         if let (Some(t), Some(s)) = (&topic, &subject) {
             let tn = t.var_names(&subject_names);
@@ -317,7 +325,10 @@ impl Route {
                 });
             }
             if let Err(m) = check_subject_template(s) {
-                problems.push(Problem { key: key("subject"), message: m });
+                problems.push(Problem {
+                    key: key("subject"),
+                    message: m,
+                });
             }
         }
         for name in spec.placeholders.keys() {
@@ -329,7 +340,10 @@ impl Route {
             }
         }
         if spec.name.trim().is_empty() {
-            problems.push(Problem { key: key("name"), message: "must not be empty".into() });
+            problems.push(Problem {
+                key: key("name"),
+                message: "must not be empty".into(),
+            });
         }
         let envelope_type = spec.envelope_type.clone().unwrap_or_default();
         if spec.direction.to_socketio() && envelope_type.is_empty() {
@@ -355,9 +369,7 @@ impl Route {
             }),
             _ => {}
         }
-        if spec.delivery == Delivery::Queue
-            && topic.as_ref().is_some_and(|t| !t.is_literal())
-        {
+        if spec.delivery == Delivery::Queue && topic.as_ref().is_some_and(|t| !t.is_literal()) {
             problems.push(Problem {
                 key: key("delivery"),
                 message: "queue delivery needs a literal topic (no placeholders)".into(),
@@ -500,7 +512,9 @@ impl RouteTable {
     /// The route whose topic template matches, in any direction.
     pub fn route_for_topic(&self, topic: &str) -> Option<&Route> {
         let mut caps: Captures = [(0, 0); MAX_PLACEHOLDERS];
-        self.routes.iter().find(|r| r.topic.matches(topic, &mut caps))
+        self.routes
+            .iter()
+            .find(|r| r.topic.matches(topic, &mut caps))
     }
 
     /// The distinct NATS subscriptions needed for the NATS -> Socket.IO
@@ -558,7 +572,9 @@ mod tests {
             "/accounts/{accountId}/positions",
             "positions.account.{accountId}.updated",
         );
-        positions.placeholders.insert("accountId".into(), Placeholder::Digits);
+        positions
+            .placeholders
+            .insert("accountId".into(), Placeholder::Digits);
         RouteTable::compile(&[
             spec("/trades", "trades.new"),
             spec(
@@ -575,9 +591,18 @@ mod tests {
         let t = traderx();
         let cases: &[(&str, Option<&str>)] = &[
             ("/trades", Some("trades.new")),
-            ("/accounts/22214/trades", Some("trades.account.22214.updated")),
-            ("/accounts/22214/positions", Some("positions.account.22214.updated")),
-            ("/accounts/ACME-1_x/trades", Some("trades.account.ACME-1_x.updated")),
+            (
+                "/accounts/22214/trades",
+                Some("trades.account.22214.updated"),
+            ),
+            (
+                "/accounts/22214/positions",
+                Some("positions.account.22214.updated"),
+            ),
+            (
+                "/accounts/ACME-1_x/trades",
+                Some("trades.account.ACME-1_x.updated"),
+            ),
             // digits only for positions
             ("/accounts/abc/positions", None),
             // unsafe captures: never produce a subject
@@ -606,8 +631,14 @@ mod tests {
         let t = traderx();
         let cases: &[(&str, Option<&str>)] = &[
             ("trades.new", Some("/trades")),
-            ("trades.account.22214.updated", Some("/accounts/22214/trades")),
-            ("positions.account.22214.updated", Some("/accounts/22214/positions")),
+            (
+                "trades.account.22214.updated",
+                Some("/accounts/22214/trades"),
+            ),
+            (
+                "positions.account.22214.updated",
+                Some("/accounts/22214/positions"),
+            ),
             ("positions.account.x1.updated", None),
             ("trades.account.a/b.updated", None),
             ("trades.account.22214.created", None),
@@ -635,7 +666,10 @@ mod tests {
     fn verbatim_profile_subscribes_single_token_wildcard() {
         let t = RouteTable::compile(&[
             spec("/trades", "/trades"),
-            spec("/accounts/{accountId}/positions", "/accounts/{accountId}/positions"),
+            spec(
+                "/accounts/{accountId}/positions",
+                "/accounts/{accountId}/positions",
+            ),
         ])
         .unwrap();
         assert_eq!(
@@ -643,7 +677,10 @@ mod tests {
             "/accounts/7/positions"
         );
         let subs = t.subscriptions();
-        assert_eq!(subs, vec![("/trades".into(), vec![0]), ("*".into(), vec![1])]);
+        assert_eq!(
+            subs,
+            vec![("/trades".into(), vec![0]), ("*".into(), vec![1])]
+        );
         assert_eq!(t.to_topic("/accounts/x.y/positions"), None);
     }
 

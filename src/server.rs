@@ -50,26 +50,32 @@ pub fn build(bridge: &Arc<Bridge>) -> (Router, SocketIo) {
 
     let sio = tower::ServiceBuilder::new()
         .layer(cors)
-        .layer(axum::middleware::from_fn(move |req: Request<axum::body::Body>, next: axum::middleware::Next| {
-            let allowed = allowed.clone();
-            async move {
-                if let (Some(list), Some(origin)) = (&allowed, req.headers().get(header::ORIGIN)) {
-                    let ok = origin.to_str().is_ok_and(|o| list.iter().any(|a| a == o));
-                    if !ok {
-                        return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+        .layer(axum::middleware::from_fn(
+            move |req: Request<axum::body::Body>, next: axum::middleware::Next| {
+                let allowed = allowed.clone();
+                async move {
+                    if let (Some(list), Some(origin)) =
+                        (&allowed, req.headers().get(header::ORIGIN))
+                    {
+                        let ok = origin.to_str().is_ok_and(|o| list.iter().any(|a| a == o));
+                        if !ok {
+                            return (StatusCode::FORBIDDEN, "origin not allowed\n").into_response();
+                        }
                     }
+                    next.run(req).await
                 }
-                next.run(req).await
-            }
-        }))
-        .layer(axum::middleware::map_request(move |mut req: Request<axum::body::Body>| {
-            let aliases = aliases.clone();
-            let primary = primary.clone();
-            async move {
-                rewrite_alias(&mut req, &aliases, &primary);
-                Ok::<_, Infallible>(req)
-            }
-        }))
+            },
+        ))
+        .layer(axum::middleware::map_request(
+            move |mut req: Request<axum::body::Body>| {
+                let aliases = aliases.clone();
+                let primary = primary.clone();
+                async move {
+                    rewrite_alias(&mut req, &aliases, &primary);
+                    Ok::<_, Infallible>(req)
+                }
+            },
+        ))
         .layer(layer)
         .service(Router::new().fallback(not_found));
     (Router::new().fallback_service(sio), io)
@@ -144,7 +150,11 @@ impl ConnectHandler<LocalAdapter, Hub> for Hub {
         self.0
             .last_legacy_activity_ms
             .store(info.connected_at_ms, Ordering::Relaxed);
-        self.0.clients.lock().unwrap_or_else(|e| e.into_inner()).insert(s.id, info);
+        self.0
+            .clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(s.id, info);
         let bridge = self.0.clone();
         SocketRef::from(s).on_disconnect(async move |s: SocketRef, reason: socketioxide::socket::DisconnectReason| {
             let removed = bridge.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&s.id);
@@ -238,7 +248,14 @@ impl MessageHandler<LocalAdapter, Event> for Event {
     }
 }
 
-fn refuse(bridge: &Bridge, s: &Socket<LocalAdapter>, event: &str, why: Reject, route: &str, ack: Option<AckSender>) {
+fn refuse(
+    bridge: &Bridge,
+    s: &Socket<LocalAdapter>,
+    event: &str,
+    why: Reject,
+    route: &str,
+    ack: Option<AckSender>,
+) {
     telemetry::rejected(route, TO_NATS, why.label());
     bridge.warn_limited(
         why.label(),
@@ -247,10 +264,22 @@ fn refuse(bridge: &Bridge, s: &Socket<LocalAdapter>, event: &str, why: Reject, r
     reply(ack, Err(why.explain()));
 }
 
-fn on_subscription(bridge: &Bridge, s: &Socket<LocalAdapter>, text: &str, join: bool, ack: Option<AckSender>) {
+fn on_subscription(
+    bridge: &Bridge,
+    s: &Socket<LocalAdapter>,
+    text: &str,
+    join: bool,
+    ack: Option<AckSender>,
+) {
     let event = if join { "subscribe" } else { "unsubscribe" };
     let topic: String = match envelope::first_arg(text)
-        .map_err(|r| if r == Reject::InvalidJson { Reject::NoArgument } else { r })
+        .map_err(|r| {
+            if r == Reject::InvalidJson {
+                Reject::NoArgument
+            } else {
+                r
+            }
+        })
         .and_then(|a| serde_json::from_str::<String>(a.get()).map_err(|_| Reject::TopicNotString))
     {
         Ok(t) => t,
@@ -291,7 +320,13 @@ fn on_subscription(bridge: &Bridge, s: &Socket<LocalAdapter>, text: &str, join: 
     reply(ack, Ok(()));
 }
 
-fn on_publish(bridge: &Bridge, s: &Socket<LocalAdapter>, text: &str, binary: bool, ack: Option<AckSender>) {
+fn on_publish(
+    bridge: &Bridge,
+    s: &Socket<LocalAdapter>,
+    text: &str,
+    binary: bool,
+    ack: Option<AckSender>,
+) {
     let received = Instant::now();
     bridge.metrics.legacy_publishes.increment(1);
     if binary {
@@ -334,7 +369,9 @@ fn on_publish(bridge: &Bridge, s: &Socket<LocalAdapter>, text: &str, binary: boo
         date,
         payload: p.payload,
     };
-    let route_name = mapped.as_ref().map_or("", |m| bridge.routes.get(m.route).name.as_str());
+    let route_name = mapped
+        .as_ref()
+        .map_or("", |m| bridge.routes.get(m.route).name.as_str());
     deliver(bridge, io, route_name, &p.topic, &env);
     match outbound {
         Some(mut out) => {
@@ -352,8 +389,16 @@ fn on_publish(bridge: &Bridge, s: &Socket<LocalAdapter>, text: &str, binary: boo
 /// Emits an envelope to every socket in the topic's room and in `/*`, once
 /// each. A socket whose outgoing buffer is full misses the message: that is
 /// counted for the client and the route and logged.
-pub fn deliver(bridge: &Bridge, io: &SocketIo, route: &str, topic: &str, env: &EnvelopeOut<'_>) -> usize {
-    let sockets = io.within(vec![topic.to_string(), "/*".to_string()]).sockets();
+pub fn deliver(
+    bridge: &Bridge,
+    io: &SocketIo,
+    route: &str,
+    topic: &str,
+    env: &EnvelopeOut<'_>,
+) -> usize {
+    let sockets = io
+        .within(vec![topic.to_string(), "/*".to_string()])
+        .sockets();
     let mut delivered = 0;
     for s in sockets {
         match s.emit("publish", env) {
@@ -415,7 +460,9 @@ pub async fn watch_idle_clients(bridge: Arc<Bridge>) {
         let mut idle = 0u32;
         let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
         for c in clients.values_mut() {
-            if c.topics.is_empty() && now.saturating_sub(c.connected_at_ms) >= after.as_millis() as u64 {
+            if c.topics.is_empty()
+                && now.saturating_sub(c.connected_at_ms) >= after.as_millis() as u64
+            {
                 idle += 1;
                 if !c.warned_unsubscribed && c.published.is_empty() {
                     c.warned_unsubscribed = true;

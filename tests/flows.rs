@@ -1,0 +1,147 @@
+//! The TraderX flows through the bridge in server mode, with exact payloads,
+//! using the client libraries TraderX uses on each side.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+fn order(id: &str) -> serde_json::Value {
+    json!({"id": id, "accountId": 22214, "security": "MSFT", "quantity": 100, "side": "Buy"})
+}
+
+/// A TradeOrder published by a legacy client on /trades arrives once on
+/// trades.new, with the envelope and the provenance headers.
+fn trade_order_reaches_nats(publisher: Lang, subscriber: Lang) {
+    let nats = Nats::start();
+    let bridge = Bridge::start(&nats);
+    let sub = Agent::nats(subscriber);
+    sub.nats_connect(&nats.url());
+    sub.sub("orders", "trades.new");
+    let legacy = Agent::sio(publisher);
+    let id = legacy.connect(&bridge.url(), json!({}));
+    legacy.publish("/trades", "TradeOrder", order("T-1"));
+
+    let msg = sub.next_msg("orders", WAIT);
+    assert_eq!(msg["subject"], "trades.new");
+    let env = body(&msg);
+    assert_eq!(env["type"], "TradeOrder");
+    assert_eq!(env["from"], id.as_str());
+    assert_eq!(env["topic"], "trades.new");
+    assert!(env["date"].as_u64().unwrap() > 1_700_000_000_000);
+    assert_eq!(env["payload"], order("T-1"));
+    assert_eq!(
+        header(&msg, "Tradefeed-Legacy-Topic").as_deref(),
+        Some("/trades")
+    );
+    assert!(header(&msg, "Tradefeed-Bridge-Origin").is_some_and(|o| o.starts_with("tfb-")));
+    assert!(
+        sub.msgs("orders", SHORT).is_empty(),
+        "the order arrived twice"
+    );
+}
+
+#[test]
+fn trade_order_node_client_to_node_nats() {
+    trade_order_reaches_nats(Lang::Node, Lang::Node);
+}
+
+#[test]
+fn trade_order_java_client_to_python_nats() {
+    trade_order_reaches_nats(Lang::Java, Lang::Python);
+}
+
+#[test]
+fn trade_order_python_client_to_java_nats() {
+    trade_order_reaches_nats(Lang::Python, Lang::Java);
+}
+
+/// Position and Trade published on NATS, as an envelope and as a bare
+/// payload, reach legacy subscribers once with the right `type`.
+fn account_updates_reach_legacy(subscriber: Lang, publisher: Lang) {
+    let nats = Nats::start();
+    let bridge = Bridge::start(&nats);
+    let legacy = Agent::sio(subscriber);
+    legacy.connect(&bridge.url(), json!({}));
+    legacy.subscribe("/accounts/22214/positions");
+    legacy.subscribe("/accounts/22214/trades");
+    let p = Agent::nats(publisher);
+    p.nats_connect(&nats.url());
+
+    let position = json!({"accountId": 22214, "security": "IBM", "quantity": 300, "updated": 1764781234560u64});
+    let trade = json!({"id": "6f1c2b9e-0000-4000-8000-000000000001", "accountId": 22214, "security": "IBM",
+                       "side": "Buy", "state": "Settled", "quantity": 300, "created": 1764781234000u64, "updated": 1764781234560u64});
+    // envelope bodies keep type, from, date and payload
+    p.pub_json(
+        "positions.account.22214.updated",
+        &json!({"type": "Position", "from": "trade-processor", "topic": "positions.account.22214.updated",
+                "date": 1764781234567u64, "payload": position}),
+    );
+    let env = legacy.next_publish(WAIT, |e| e["topic"] == "/accounts/22214/positions");
+    assert_eq!(
+        env,
+        json!({"type": "Position", "from": "trade-processor", "topic": "/accounts/22214/positions",
+               "date": 1764781234567u64, "payload": position})
+    );
+    // bare payloads are wrapped with the route's type
+    p.pub_json("trades.account.22214.updated", &trade);
+    let env = legacy.next_publish(WAIT, |e| e["topic"] == "/accounts/22214/trades");
+    assert_eq!(env["type"], "Trade");
+    assert_eq!(env["from"], "nats:trades.account.22214.updated");
+    assert_eq!(env["payload"], trade);
+    assert!(env["date"].as_u64().unwrap() > 1_700_000_000_000);
+    p.pub_json("positions.account.22214.updated", &position);
+    let env = legacy.next_publish(WAIT, |e| e["topic"] == "/accounts/22214/positions");
+    assert_eq!(env["type"], "Position");
+    assert_eq!(env["payload"], position);
+    // another account's update does not arrive
+    p.pub_json("positions.account.52355.updated", &position);
+    assert!(
+        legacy.data_messages(SHORT).is_empty(),
+        "unexpected or doubled delivery"
+    );
+}
+
+#[test]
+fn account_updates_node_nats_to_java_subscriber() {
+    account_updates_reach_legacy(Lang::Java, Lang::Node);
+}
+
+#[test]
+fn account_updates_python_nats_to_node_subscriber() {
+    account_updates_reach_legacy(Lang::Node, Lang::Python);
+}
+
+#[test]
+fn account_updates_java_nats_to_python_subscriber() {
+    account_updates_reach_legacy(Lang::Python, Lang::Java);
+}
+
+/// The spec's UI subscribes with a wildcard: legacy publishes on both account
+/// topics reach `positions.account.22214.*` and `trades.account.22214.*`.
+#[test]
+fn nats_wildcard_subscriber_receives_legacy_publishes() {
+    let nats = Nats::start();
+    let bridge = Bridge::start(&nats);
+    let ui = Agent::nats(Lang::Node);
+    ui.nats_connect(&nats.url());
+    ui.sub("pos", "positions.account.22214.*");
+    ui.sub("trd", "trades.account.22214.*");
+    let processor = Agent::sio(Lang::Java);
+    processor.connect(&bridge.url(), json!({}));
+    let position = json!({"accountId": 22214, "security": "AAPL", "quantity": -5, "updated": 1});
+    processor.publish("/accounts/22214/positions", "Position", position.clone());
+    processor.publish(
+        "/accounts/22214/trades",
+        "Trade",
+        json!({"id": "x", "accountId": 22214}),
+    );
+    processor.publish("/accounts/99/positions", "Position", position.clone());
+    let m = ui.next_msg("pos", WAIT);
+    assert_eq!(m["subject"], "positions.account.22214.updated");
+    assert_eq!(body(&m)["payload"], position);
+    let m = ui.next_msg("trd", WAIT);
+    assert_eq!(m["subject"], "trades.account.22214.updated");
+    assert!(ui.msgs("pos", SHORT).is_empty());
+    assert!(ui.msgs("trd", SHORT).is_empty());
+}
