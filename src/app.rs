@@ -79,7 +79,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tokio::spawn(server::watch_idle_clients(bridge.clone()));
         }
         Mode::Attach => {
-            anyhow::bail!("attach mode is not available in this build");
+            let attach = crate::attach::Attach::new(bridge.clone());
+            if bridge.config.attach.lease {
+                crate::attach::keep_lease(attach.clone(), client.clone()).await?;
+            }
+            crate::attach::subscribe_nats(attach.clone(), client.clone()).await?;
+            tokio::spawn(attach.run());
         }
     }
 

@@ -345,7 +345,6 @@ impl Bridge {
     where
         F: FnOnce(usize, &str, &EnvelopeOut<'_>),
     {
-        let received = Instant::now();
         let Some(mapped) = self.routes.to_topic(msg.subject.as_str()) else {
             tracing::debug!(subject = %msg.subject, "NATS message matches no route template");
             return;
@@ -397,12 +396,16 @@ impl Bridge {
             },
         };
         deliver(mapped.route, &mapped.target, &env);
-        let m = &self.metrics.routes[mapped.route];
+    }
+
+    /// Counts a message handed to the legacy side on `route`.
+    pub fn forwarded_to_socketio(&self, route: usize, received: Instant) {
+        let m = &self.metrics.routes[route];
         m.forwarded_to_socketio.increment(1);
         m.latency_to_socketio
             .record(received.elapsed().as_secs_f64());
-        let a = &self.activity[mapped.route];
-        a.to_socketio_ms.store(now, Ordering::Relaxed);
+        let a = &self.activity[route];
+        a.to_socketio_ms.store(envelope::now_ms(), Ordering::Relaxed);
         a.to_socketio_count.fetch_add(1, Ordering::Relaxed);
     }
 }

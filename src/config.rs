@@ -100,6 +100,9 @@ pub struct AttachConfig {
     /// Window in which the bridge recognises its own publishes coming back.
     #[serde(with = "humantime_serde")]
     pub echo_window: Duration,
+    /// Only one attached bridge per trade-feed mirrors at a time; the others
+    /// wait. Needs JetStream on the NATS server (`nats-server -js`).
+    pub lease: bool,
     /// NATS key-value bucket holding the active-attacher lease.
     pub lease_bucket: String,
     #[serde(with = "humantime_serde")]
@@ -117,6 +120,7 @@ impl Default for AttachConfig {
             reconnect_delay_min: Duration::from_millis(100),
             reconnect_delay_max: Duration::from_secs(5),
             echo_window: Duration::from_secs(30),
+            lease: true,
             lease_bucket: "tradefeed_bridge".into(),
             lease_ttl: Duration::from_secs(6),
         }

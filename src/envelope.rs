@@ -15,7 +15,8 @@ pub struct PublishIn<'a> {
     pub topic: Option<&'a RawValue>,
     #[serde(rename = "type", borrow, default)]
     pub kind: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    /// `Some("null")` for `"payload": null`: the legacy hub passes a null payload on.
+    #[serde(borrow, default, deserialize_with = "present")]
     pub payload: Option<&'a RawValue>,
 }
 
@@ -28,8 +29,14 @@ pub struct EnvelopeIn<'a> {
     pub from: Option<&'a RawValue>,
     #[serde(borrow, default)]
     pub date: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     pub payload: Option<&'a RawValue>,
+}
+
+/// A field that is present is `Some`, even when it is `null` (a plain
+/// `Option` turns `null` into `None`, which would drop the field).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 /// Why an input was refused; the label is the metrics `reason`.
@@ -228,6 +235,18 @@ mod tests {
         assert_eq!(parse_publish(&a).unwrap().kind.get(), MESSAGE_TYPE_JSON);
         let a = arg(r#"{"topic":"/t","type":"Trade"}"#);
         assert_eq!(parse_publish(&a).unwrap().kind.get(), "\"Trade\"");
+    }
+
+    #[test]
+    fn null_payload_is_kept() {
+        let a = arg(r#"{"topic":"/t","payload":null}"#);
+        assert_eq!(parse_publish(&a).unwrap().payload.map(|p| p.get()), Some("null"));
+        let a = arg(r#"{"topic":"/t"}"#);
+        assert!(parse_publish(&a).unwrap().payload.is_none());
+        assert!(matches!(
+            parse_nats_body(br#"{"type":"Trade","payload":null}"#),
+            Ok(NatsBody::Envelope(e)) if e.payload.map(|p| p.get()) == Some("null")
+        ));
     }
 
     #[test]

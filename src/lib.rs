@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod attach;
 pub mod bridge;
 pub mod config;
 pub mod envelope;

@@ -437,9 +437,11 @@ pub async fn subscribe_nats(bridge: Arc<Bridge>, client: async_nats::Client) -> 
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 let Some(io) = bridge.io() else { continue };
+                let received = Instant::now();
                 bridge.from_nats(&msg, &serves, |route, topic, env| {
                     let name = &bridge.routes.get(route).name;
                     deliver(&bridge, io, name, topic, env);
+                    bridge.forwarded_to_socketio(route, received);
                 });
             }
         });

@@ -27,6 +27,7 @@ pub const NATS_RECONNECTS: &str = "tradefeed_bridge_nats_reconnects_total";
 pub const UPSTREAM_CONNECTED: &str = "tradefeed_bridge_upstream_connected";
 pub const UPSTREAM_RECONNECTS: &str = "tradefeed_bridge_upstream_reconnects_total";
 pub const BUFFERED: &str = "tradefeed_bridge_upstream_buffered_messages";
+pub const ATTACH_ACTIVE: &str = "tradefeed_bridge_attach_active";
 
 /// Directions as metric labels.
 pub const TO_NATS: &str = "to_nats";
@@ -38,8 +39,10 @@ pub fn init_logging(cfg: &LogConfig) {
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new(&cfg.level));
+    // Colours only on a terminal: a log file or container log keeps plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),

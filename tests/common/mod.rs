@@ -122,6 +122,19 @@ fn log_file(dir: &Path, name: &str) -> (PathBuf, std::fs::File) {
 
 // ------------------------------------------------------------------ nats-server
 
+/// `$NATS_SERVER_BIN`, else the server scripts/install-system-deps.sh built
+/// into .tools/bin, else `nats-server` from PATH.
+pub fn nats_server_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("NATS_SERVER_BIN") {
+        return PathBuf::from(p);
+    }
+    let local = root().join(".tools/bin/nats-server");
+    if local.exists() {
+        return local;
+    }
+    PathBuf::from("nats-server")
+}
+
 pub struct Nats {
     pub port: u16,
     pub proc: Proc,
@@ -151,7 +164,7 @@ impl Nats {
 
     fn spawn(port: u16, dir: &Path, extra: &[String]) -> Proc {
         let (path, log) = log_file(dir, &format!("nats-{port}"));
-        let child = Command::new("nats-server")
+        let child = Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .args(extra)
             .stdout(log.try_clone().unwrap())

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what the integration tests' agents need: the Node packages of
+# tests/node (from its lock file) and the Python venv tests/.venv.
+# Idempotent and quiet on success; runs from any working directory.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+log() { printf 'install-test-deps: %s\n' "$*" >&2; }
+say() { if [[ -n "${VERBOSE:-}" ]]; then log "$@"; fi; }  # progress, only with VERBOSE=1
+
+# Runs a command with its output captured; shows the output only on failure.
+quiet() {
+  local out
+  if ! out="$("$@" 2>&1)"; then
+    printf '%s\n' "$out" >&2
+    log "failed: $*"
+    return 1
+  fi
+}
+
+hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+# --- Node: tests/node ------------------------------------------------------
+NODE_DIR="$ROOT/tests/node"
+node_stamp="$NODE_DIR/node_modules/.install-stamp"
+node_hash="$(hash_of "$NODE_DIR/package.json" "$NODE_DIR/package-lock.json")-$(node --version)"
+if [[ ! -f "$node_stamp" || "$(cat "$node_stamp")" != "$node_hash" ]]; then
+  say "npm ci in tests/node"
+  (cd "$NODE_DIR" && quiet npm ci --no-audit --no-fund --ignore-scripts)
+  printf '%s\n' "$node_hash" > "$node_stamp"
+fi
+
+# --- Python: tests/.venv ---------------------------------------------------
+VENV="$ROOT/tests/.venv"
+REQS="$ROOT/tests/python/requirements.txt"
+py_stamp="$VENV/.install-stamp"
+PYTHON="${PYTHON:-python3}"
+py_hash="$(hash_of "$REQS")-$("$PYTHON" --version 2>&1)"
+if [[ ! -x "$VENV/bin/python" || ! -f "$py_stamp" || "$(cat "$py_stamp")" != "$py_hash" ]]; then
+  if [[ ! -x "$VENV/bin/python" ]] ||
+     [[ "$("$VENV/bin/python" --version 2>&1)" != "$("$PYTHON" --version 2>&1)" ]]; then
+    say "creating tests/.venv"
+    quiet "$PYTHON" -m venv --clear "$VENV"
+  fi
+  say "pip install -r tests/python/requirements.txt"
+  quiet "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$REQS"
+  printf '%s\n' "$py_hash" > "$py_stamp"
+fi
+
+# --- Java agents (tests/java) ------------------------------------------------
+# >>> Java step: owned by whoever maintains tests/java. Do not inline here. <<<
+if [[ -f "$ROOT/scripts/install-java-agents.sh" ]]; then
+  bash "$ROOT/scripts/install-java-agents.sh"
+fi

@@ -1,0 +1,106 @@
+#!/usr/bin/env node
+// Socket.IO test agent (socket.io-client 4.8), protocol in tests/agents/README.md:
+// JSON commands on stdin, JSON events on stdout, one object per line.
+'use strict';
+
+const readline = require('readline');
+const { io } = require('socket.io-client');
+
+let socket = null;
+
+function out(obj) {
+  obj.t = Date.now();
+  process.stdout.write(JSON.stringify(obj) + '\n');
+}
+const diag = (line) => process.stderr.write(`sio-agent: ${line}\n`);
+
+function closeSocket() {
+  if (socket) {
+    socket.disconnect(); // no reconnect after an explicit disconnect
+    socket = null;
+  }
+}
+
+function doConnect(c) {
+  if (typeof c.url !== 'string') throw new Error('connect: url is required');
+  closeSocket();
+  const namespace = c.namespace || '/';
+  const url = namespace === '/' ? c.url : c.url.replace(/\/+$/, '') + namespace;
+  const opts = {
+    path: c.path || '/socket.io',
+    reconnection: c.reconnection !== false,
+    forceNew: true,
+  };
+  if (Array.isArray(c.transports)) opts.transports = c.transports;
+  if (c.headers && typeof c.headers === 'object') opts.extraHeaders = c.headers;
+  const topics = Array.isArray(c.subscribeOnConnect) ? c.subscribeOnConnect : [];
+
+  const s = io(url, opts);
+  socket = s;
+  // A new Engine.IO socket is created on every (re)connect: hook each one.
+  s.io.on('open', () => {
+    s.io.engine.on('upgrade', (transport) => out({ ev: 'upgraded', transport: transport.name }));
+  });
+  s.on('connect', () => {
+    out({ ev: 'connected', id: s.id, transport: s.io.engine.transport.name });
+    for (const topic of topics) s.emit('subscribe', topic);
+  });
+  s.on('connect_error', (err) => out({ ev: 'connect_error', message: String(err && err.message || err) }));
+  s.on('disconnect', (reason) => out({ ev: 'disconnected', reason: String(reason) }));
+  s.onAny((event, ...args) => out({ ev: 'event', event, args }));
+}
+
+function doEmit(c) {
+  if (!socket) throw new Error('emit: not connected (no connect command yet)');
+  if (typeof c.event !== 'string') throw new Error('emit: event is required');
+  const args = Array.isArray(c.args) ? c.args.slice() : [];
+  if (c.ack) {
+    const seq = c.seq;
+    args.push((...ackArgs) => out({ ev: 'ack', seq, args: ackArgs }));
+  }
+  socket.emit(c.event, ...args);
+}
+
+function handle(line) {
+  if (!line.trim()) return;
+  let c;
+  try {
+    c = JSON.parse(line);
+  } catch (e) {
+    out({ ev: 'error', seq: null, message: `bad JSON: ${e.message}` });
+    return;
+  }
+  const seq = c && c.seq !== undefined ? c.seq : null;
+  try {
+    switch (c.cmd) {
+      case 'connect': doConnect(c); break;
+      case 'emit': doEmit(c); break;
+      case 'disconnect': closeSocket(); break;
+      case 'exit': exit(seq); return;
+      default: throw new Error(`unknown command ${JSON.stringify(c.cmd)}`);
+    }
+    out({ ev: 'ok', seq });
+  } catch (e) {
+    out({ ev: 'error', seq, message: e.message });
+  }
+}
+
+let exiting = false;
+function exit(seq) {
+  if (exiting) return;
+  exiting = true;
+  closeSocket();
+  const line = JSON.stringify({ ev: 'ok', seq, t: Date.now() }) + '\n';
+  process.stdout.write(line, () => process.exit(0));
+}
+
+process.stdout.on('error', () => process.exit(0)); // reader went away
+const rl = readline.createInterface({ input: process.stdin, crlfDelay: Infinity });
+rl.on('line', handle);
+rl.on('close', () => {
+  if (exiting) return;
+  exiting = true;
+  closeSocket();
+  diag('stdin closed, exiting');
+  process.exit(0);
+});
