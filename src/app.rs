@@ -76,6 +76,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             });
             bridge.socketio_listening.store(true, Ordering::Relaxed);
             server::subscribe_nats(bridge.clone(), client.clone()).await?;
+            if bridge.routes.queue_routes().next().is_some() {
+                server::watch_no_responders(bridge.clone(), client.clone()).await?;
+                let qclient = nats::connect_queue_member(&bridge.config.nats, &bridge).await?;
+                let queued: Vec<usize> = bridge
+                    .routes
+                    .queue_routes()
+                    .filter(|r| r.direction.to_socketio())
+                    .map(|r| r.index)
+                    .collect();
+                for route in queued {
+                    tokio::spawn(server::run_queue_member(bridge.clone(), qclient.clone(), route));
+                }
+            }
             tokio::spawn(server::watch_idle_clients(bridge.clone()));
         }
         Mode::Attach => {

@@ -35,6 +35,9 @@ pub struct Outbound {
     pub body: Bytes,
     pub received: Instant,
     pub ack: Option<AckSender>,
+    /// Reply subject: set for point-to-point messages so that the server's
+    /// "no responders" status tells the bridge nobody consumed it.
+    pub reply: Option<String>,
 }
 
 /// What the census shows about one legacy client.
@@ -86,6 +89,9 @@ pub struct Bridge {
     /// Largest NATS message (body plus headers) the bridge will send.
     max_nats_bytes: AtomicUsize,
     pub last_legacy_activity_ms: AtomicU64,
+    /// Bumped whenever a legacy client joins or leaves a room, so the
+    /// point-to-point members can follow their rooms.
+    pub membership: tokio::sync::watch::Sender<u64>,
 }
 
 impl Bridge {
@@ -127,6 +133,7 @@ impl Bridge {
             upstream_connected: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             last_legacy_activity_ms: AtomicU64::new(0),
+            membership: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -136,6 +143,25 @@ impl Bridge {
 
     pub fn io(&self) -> Option<&SocketIo> {
         self.io.get()
+    }
+
+    pub fn membership_changed(&self) {
+        self.membership.send_modify(|n| *n += 1);
+    }
+
+    /// Reply subjects of point-to-point messages: `<prefix>.<route>`.
+    pub fn no_responders_prefix(&self) -> String {
+        format!("_INBOX.{}.unconsumed", self.instance_id)
+    }
+
+    /// Counts and logs a point-to-point message that reached no consumer.
+    pub fn undeliverable(&self, route: usize, why: &str) {
+        let name = &self.routes.get(route).name;
+        telemetry::dropped(name, TO_NATS, "undeliverable", 1);
+        self.warn_limited(
+            "undeliverable",
+            format_args!("a message on route {name} reached no consumer: {why}"),
+        );
     }
 
     pub fn nats(&self) -> Option<&async_nats::Client> {
@@ -225,7 +251,9 @@ impl Bridge {
         if let Field::Str(sender) = from {
             headers.insert(H_FROM, header_value(sender));
         }
-        let size = body.len() + headers_len(&headers) + mapped.target.len();
+        // What nats-server (and async-nats) hold against max_payload: the
+        // header block plus the body; the subject does not count.
+        let size = body.len() + headers_len(&headers);
         let limit = self.max_nats_bytes();
         if size > limit {
             telemetry::rejected(&route.name, TO_NATS, Reject::TooLarge.label());
@@ -247,6 +275,7 @@ impl Bridge {
             body: Bytes::from(body),
             received,
             ack: None,
+            reply: None,
         })
     }
 
@@ -298,10 +327,19 @@ impl Bridge {
                 continue;
             }
             let subject = out.subject;
-            match client
-                .publish_with_headers(subject.clone(), out.headers, out.body)
-                .await
-            {
+            let published = match out.reply {
+                Some(reply) => {
+                    client
+                        .publish_with_reply_and_headers(subject.clone(), reply, out.headers, out.body)
+                        .await
+                }
+                None => {
+                    client
+                        .publish_with_headers(subject.clone(), out.headers, out.body)
+                        .await
+                }
+            };
+            match published {
                 Ok(()) => {
                     let m = &self.metrics.routes[out.route];
                     m.forwarded_to_nats.increment(1);
@@ -345,6 +383,22 @@ impl Bridge {
     where
         F: FnOnce(usize, &str, &EnvelopeOut<'_>),
     {
+        self.from_nats_inner(msg, serves, false, deliver)
+    }
+
+    /// For point-to-point routes: the queue group chose this bridge, even for
+    /// a message this bridge published itself.
+    pub fn from_nats_queue<F>(&self, msg: &async_nats::Message, route: usize, deliver: F)
+    where
+        F: FnOnce(usize, &str, &EnvelopeOut<'_>),
+    {
+        self.from_nats_inner(msg, &[route], true, deliver)
+    }
+
+    fn from_nats_inner<F>(&self, msg: &async_nats::Message, serves: &[usize], own_ok: bool, deliver: F)
+    where
+        F: FnOnce(usize, &str, &EnvelopeOut<'_>),
+    {
         let Some(mapped) = self.routes.to_topic(msg.subject.as_str()) else {
             tracing::debug!(subject = %msg.subject, "NATS message matches no route template");
             return;
@@ -354,7 +408,7 @@ impl Bridge {
             return;
         }
         let route = self.routes.get(mapped.route);
-        if let Some(h) = &msg.headers {
+        if let (Some(h), false) = (&msg.headers, own_ok) {
             if h.get(H_ORIGIN).map(|v| v.as_str()) == Some(self.instance_id.as_str()) {
                 telemetry::suppressed(&route.name, TO_SOCKETIO, "own_message");
                 return;

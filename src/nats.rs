@@ -13,6 +13,24 @@ use crate::telemetry;
 /// Connects (retrying in the background if the broker is not up yet) and
 /// reports every state change in the log and in metrics.
 pub async fn connect(cfg: &NatsConfig, bridge: &Arc<Bridge>) -> anyhow::Result<async_nats::Client> {
+    connect_as(cfg, bridge, true).await
+}
+
+/// A second connection that receives the bridge's own publishes: the bridge
+/// competes in point-to-point queue groups on it, where a message it
+/// published itself may be handed back to it for a legacy consumer.
+pub async fn connect_queue_member(
+    cfg: &NatsConfig,
+    bridge: &Arc<Bridge>,
+) -> anyhow::Result<async_nats::Client> {
+    connect_as(cfg, bridge, false).await
+}
+
+async fn connect_as(
+    cfg: &NatsConfig,
+    bridge: &Arc<Bridge>,
+    primary: bool,
+) -> anyhow::Result<async_nats::Client> {
     let mut opts = match (&cfg.credentials_file, &cfg.nkey_seed, &cfg.token, &cfg.user) {
         (Some(path), _, _, _) => ConnectOptions::with_credentials_file(path).await?,
         (None, Some(seed), _, _) => ConnectOptions::with_nkey(seed.expose().to_string()),
@@ -37,9 +55,12 @@ pub async fn connect(cfg: &NatsConfig, bridge: &Arc<Bridge>) -> anyhow::Result<a
     }
     let max_delay = cfg.reconnect_delay_max;
     let events_bridge = bridge.clone();
+    if primary {
+        opts = opts.name(&cfg.name).no_echo();
+    } else {
+        opts = opts.name(format!("{}-queue-member", cfg.name));
+    }
     opts = opts
-        .name(&cfg.name)
-        .no_echo()
         .retry_on_initial_connect()
         .connection_timeout(cfg.connect_timeout)
         .max_reconnects(if cfg.max_reconnects == 0 {
@@ -50,7 +71,13 @@ pub async fn connect(cfg: &NatsConfig, bridge: &Arc<Bridge>) -> anyhow::Result<a
         .reconnect_delay_callback(move |attempts| backoff(attempts, max_delay))
         .event_callback(move |event| {
             let bridge = events_bridge.clone();
-            async move { on_event(&bridge, event) }
+            async move {
+                if primary {
+                    on_event(&bridge, event)
+                } else {
+                    tracing::info!("NATS queue-member connection: {event}");
+                }
+            }
         });
     let servers: Vec<ServerAddr> = cfg
         .servers

@@ -522,7 +522,11 @@ impl RouteTable {
     /// the subscription of the first route that matches it, never twice).
     pub fn subscriptions(&self) -> Vec<(String, Vec<usize>)> {
         let mut out: Vec<(String, Vec<usize>)> = Vec::new();
-        for r in self.routes.iter().filter(|r| r.direction.to_socketio()) {
+        for r in self
+            .routes
+            .iter()
+            .filter(|r| r.direction.to_socketio() && r.delivery == Delivery::Broadcast)
+        {
             let pattern = r.subject.subscription();
             match out.iter_mut().find(|(p, _)| *p == pattern) {
                 Some((_, list)) => list.push(r.index),
@@ -530,6 +534,12 @@ impl RouteTable {
             }
         }
         out
+    }
+
+    /// Point-to-point routes: the bridge competes in their queue group on
+    /// behalf of its legacy consumers.
+    pub fn queue_routes(&self) -> impl Iterator<Item = &Route> {
+        self.routes.iter().filter(|r| r.delivery == Delivery::Queue)
     }
 
     /// Describes the table for logs, one route per line.

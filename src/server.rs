@@ -14,7 +14,7 @@ use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderValue, Method, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use serde_json::value::RawValue;
 use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::{AckSender, SocketRef};
@@ -25,6 +25,7 @@ use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 
 use crate::bridge::{reply, Bridge, ClientInfo};
 use crate::envelope::{self, EnvelopeOut, Field, Reject};
+use crate::route::Delivery;
 use crate::telemetry::{self, TO_NATS, TO_SOCKETIO};
 
 /// Builds the Socket.IO service and the HTTP app that serves it.
@@ -34,6 +35,11 @@ pub fn build(bridge: &Arc<Bridge>) -> (Router, SocketIo) {
     let (layer, io) = SocketIo::builder()
         .req_path(primary.clone())
         .max_payload(cfg.max_payload_bytes)
+        // max_payload only bounds HTTP polling bodies; websocket messages have
+        // their own limit (64 MiB by default). Node applies maxHttpBufferSize
+        // to both transports, so the bridge does too.
+        .ws_max_message_size(usize::try_from(cfg.max_payload_bytes).unwrap_or(usize::MAX))
+        .ws_max_frame_size(usize::try_from(cfg.max_payload_bytes).unwrap_or(usize::MAX))
         .max_buffer_size(cfg.max_buffer_packets)
         .ping_interval(cfg.ping_interval)
         .ping_timeout(cfg.ping_timeout)
@@ -85,6 +91,11 @@ async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "not found\n").into_response()
 }
 
+/// The path a client asked for, kept when an alias was rewritten, so logs
+/// show which clients still use which path.
+#[derive(Clone)]
+struct RequestedPath(String);
+
 /// Requests on an alias path (e.g. `/trade-feed`) are served by the one
 /// Socket.IO instance, so clients on every path share the same rooms.
 fn rewrite_alias(req: &mut Request<axum::body::Body>, aliases: &[String], primary: &str) {
@@ -103,7 +114,9 @@ fn rewrite_alias(req: &mut Request<axum::body::Body>, aliases: &[String], primar
         new.push_str(q);
     }
     if let Ok(uri) = new.parse() {
+        let requested = RequestedPath(path.to_string());
         *req.uri_mut() = uri;
+        req.extensions_mut().insert(requested);
     }
 }
 
@@ -158,6 +171,7 @@ impl ConnectHandler<LocalAdapter, Hub> for Hub {
         let bridge = self.0.clone();
         SocketRef::from(s).on_disconnect(async move |s: SocketRef, reason: socketioxide::socket::DisconnectReason| {
             let removed = bridge.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&s.id);
+            bridge.membership_changed();
             bridge
                 .last_legacy_activity_ms
                 .store(envelope::now_ms(), Ordering::Relaxed);
@@ -207,7 +221,10 @@ fn client_info(s: &Socket<LocalAdapter>) -> ClientInfo {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string(),
-        path: parts.uri.path().to_string(),
+        path: parts
+            .extensions
+            .get::<RequestedPath>()
+            .map_or_else(|| parts.uri.path().to_string(), |p| p.0.clone()),
         connected_at_ms: now,
         last_active_ms: now,
         topics: Default::default(),
@@ -317,6 +334,7 @@ fn on_subscription(
     if !join {
         s.leave(topic);
     }
+    bridge.membership_changed();
     reply(ack, Ok(()));
 }
 
@@ -355,7 +373,7 @@ fn on_publish(
     let date = Field::Num(now);
     let mapped = bridge.routes.to_subject(&p.topic);
     // Everything that can refuse the message is checked before anyone gets it.
-    let outbound = match &mapped {
+    let mut outbound = match &mapped {
         Some(m) => match bridge.prepare(m, &p.topic, p.kind, from, date, p.payload, received) {
             Ok(o) => Some(o),
             Err(why) => return reply(ack, Err(&why)),
@@ -369,6 +387,26 @@ fn on_publish(
         date,
         payload: p.payload,
     };
+    if let (Some(m), Some(mut out)) = (&mapped, outbound.take_if(|_| is_queue(bridge, &mapped))) {
+        // Point-to-point: the queue group picks the one consumer, legacy
+        // (through this bridge's member) or NATS.
+        let name = &bridge.routes.get(m.route).name;
+        deliver_to(bridge, io, Audience::Observers, name, &p.topic, &env);
+        if bridge.nats_connected() {
+            out.reply = Some(format!("{}.{}", bridge.no_responders_prefix(), m.route));
+            out.ack = ack;
+            bridge.enqueue(out);
+        } else {
+            if deliver_to(bridge, io, Audience::Room, name, &p.topic, &env) > 0 {
+                bridge.forwarded_to_socketio(m.route, received);
+                reply(ack, Ok(()));
+            } else {
+                bridge.undeliverable(m.route, "NATS is down and no legacy consumer is connected");
+                reply(ack, Err("no consumer: NATS is down and no legacy consumer is connected"));
+            }
+        }
+        return;
+    }
     let route_name = mapped
         .as_ref()
         .map_or("", |m| bridge.routes.get(m.route).name.as_str());
@@ -386,6 +424,128 @@ fn on_publish(
     }
 }
 
+fn is_queue(bridge: &Bridge, mapped: &Option<crate::route::Mapped>) -> bool {
+    mapped
+        .as_ref()
+        .is_some_and(|m| bridge.routes.get(m.route).delivery == Delivery::Queue)
+}
+
+/// Competes in a point-to-point route's queue group while the legacy room
+/// has at least one member, and hands each message it is given to the room,
+/// as trade-feed did: the legacy side is one consumer of the group. A message that arrives as the last member leaves is published
+/// again (once) so that another consumer gets it.
+pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, route: usize) {
+    let r = bridge.routes.get(route).clone();
+    let subject = r.subject.as_str().to_string();
+    let group = r.queue_group.clone().unwrap_or_default();
+    let topic = r.topic.as_str().to_string();
+    let mut epoch = bridge.membership.subscribe();
+    let mut sub: Option<async_nats::Subscriber> = None;
+    loop {
+        let members = bridge
+            .io()
+            .map_or(0, |io| io.within(topic.clone()).sockets().len());
+        let want = members > 0 && !bridge.shutting_down.load(Ordering::Relaxed);
+        if want && sub.is_none() {
+            match qclient.queue_subscribe(subject.clone(), group.clone()).await {
+                Ok(s) => {
+                    let _ = qclient.flush().await;
+                    sub = Some(s);
+                    tracing::info!(%subject, %group, members, "joined the queue group for legacy consumers");
+                }
+                Err(e) => tracing::warn!(%subject, "cannot join the queue group: {e}"),
+            }
+        } else if !want {
+            if let Some(mut s) = sub.take() {
+                let _ = s.unsubscribe().await;
+                while let Some(Some(msg)) = s.next().now_or_never() {
+                    requeue(&bridge, route, msg).await;
+                }
+                tracing::info!(%subject, %group, "left the queue group: no legacy consumer");
+            }
+        }
+        tokio::select! {
+            changed = epoch.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            msg = async {
+                match sub.as_mut() {
+                    Some(s) => s.next().await,
+                    None => std::future::pending().await,
+                }
+            } => match msg {
+                Some(msg) => take_queued(&bridge, route, msg).await,
+                None => sub = None,
+            },
+        }
+    }
+}
+
+async fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Message) {
+    let Some(io) = bridge.io() else { return };
+    let received = Instant::now();
+    let mut handed: Option<bool> = None;
+    bridge.from_nats_queue(&msg, route, |route, topic, env| {
+        let name = &bridge.routes.get(route).name;
+        let ok = deliver_to(bridge, io, Audience::Room, name, topic, env) > 0;
+        if ok {
+            bridge.forwarded_to_socketio(route, received);
+        }
+        handed = Some(ok);
+    });
+    if handed == Some(false) {
+        requeue(bridge, route, msg).await;
+    }
+}
+
+/// Gives a point-to-point message back to the queue group, once.
+async fn requeue(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Message) {
+    const H_REQUEUED: &str = "Tradefeed-Bridge-Requeued";
+    let mut headers = msg.headers.clone().unwrap_or_default();
+    if headers.get(H_REQUEUED).is_some() {
+        bridge.undeliverable(route, "its legacy consumer left and it was already given back once");
+        return;
+    }
+    headers.insert(H_REQUEUED, bridge.instance_id.as_str());
+    let Some(client) = bridge.nats() else { return };
+    let reply = format!("{}.{}", bridge.no_responders_prefix(), route);
+    if let Err(e) = client
+        .publish_with_reply_and_headers(msg.subject.clone(), reply, headers, msg.payload.clone())
+        .await
+    {
+        bridge.undeliverable(route, &format!("giving it back to the queue group failed: {e}"));
+    } else {
+        tracing::info!(subject = %msg.subject, "gave a point-to-point message back: its legacy consumer left");
+    }
+}
+
+/// Counts point-to-point messages that reached no consumer anywhere: the
+/// server answers their reply subject with "no responders".
+pub async fn watch_no_responders(bridge: Arc<Bridge>, client: async_nats::Client) -> anyhow::Result<()> {
+    let mut sub = client
+        .subscribe(format!("{}.>", bridge.no_responders_prefix()))
+        .await?;
+    tokio::spawn(async move {
+        while let Some(msg) = sub.next().await {
+            if msg.status != Some(async_nats::StatusCode::NO_RESPONDERS) {
+                continue;
+            }
+            let route = msg
+                .subject
+                .rsplit('.')
+                .next()
+                .and_then(|r| r.parse::<usize>().ok())
+                .filter(|r| *r < bridge.routes.routes().len());
+            if let Some(route) = route {
+                bridge.undeliverable(route, "no consumer anywhere (no NATS member in the queue group, no legacy consumer)");
+            }
+        }
+    });
+    Ok(())
+}
+
 /// Emits an envelope to every socket in the topic's room and in `/*`, once
 /// each. A socket whose outgoing buffer is full misses the message: that is
 /// counted for the client and the route and logged.
@@ -399,6 +559,41 @@ pub fn deliver(
     let sockets = io
         .within(vec![topic.to_string(), "/*".to_string()])
         .sockets();
+    emit_each(bridge, sockets, route, topic, env)
+}
+
+/// Who receives a point-to-point message on the legacy side.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// The topic's room: the legacy consumers.
+    Room,
+    /// `/*` members outside the room: observers, who see what legacy
+    /// clients publish as they did on trade-feed.
+    Observers,
+}
+
+pub fn deliver_to(
+    bridge: &Bridge,
+    io: &SocketIo,
+    audience: Audience,
+    route: &str,
+    topic: &str,
+    env: &EnvelopeOut<'_>,
+) -> usize {
+    let sockets = match audience {
+        Audience::Room => io.within(topic.to_string()).sockets(),
+        Audience::Observers => io.within("/*").except(topic.to_string()).sockets(),
+    };
+    emit_each(bridge, sockets, route, topic, env)
+}
+
+fn emit_each(
+    bridge: &Bridge,
+    sockets: Vec<SocketRef>,
+    route: &str,
+    topic: &str,
+    env: &EnvelopeOut<'_>,
+) -> usize {
     let mut delivered = 0;
     for s in sockets {
         match s.emit("publish", env) {
