@@ -26,7 +26,36 @@ pub fn router(bridge: Arc<Bridge>, prometheus: PrometheusHandle) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route(
+            "/api/attach/legacy-consumers/{route}",
+            axum::routing::put(set_legacy_consumers),
+        )
         .with_state(Admin { bridge, prometheus })
+}
+
+/// Attach mode: declares whether a point-to-point route's consumers are still
+/// on trade-feed (body `true` or `false`).
+async fn set_legacy_consumers(
+    State(a): State<Admin>,
+    axum::extract::Path(route): axum::extract::Path<String>,
+    Json(present): Json<bool>,
+) -> Response {
+    let Some(attach) = a.bridge.attach() else {
+        return (
+            StatusCode::CONFLICT,
+            Json(json!({"error": "only in attach mode"})),
+        )
+            .into_response();
+    };
+    if attach.set_legacy_consumers(&route, present) {
+        Json(json!({"route": route, "legacy_consumers": present})).into_response()
+    } else {
+        (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no point-to-point route named {route}")})),
+        )
+            .into_response()
+    }
 }
 
 async fn healthz() -> &'static str {

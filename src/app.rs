@@ -86,7 +86,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     .map(|r| r.index)
                     .collect();
                 for route in queued {
-                    tokio::spawn(server::run_queue_member(bridge.clone(), qclient.clone(), route));
+                    tokio::spawn(server::run_queue_member(
+                        bridge.clone(),
+                        qclient.clone(),
+                        route,
+                    ));
                 }
             }
             tokio::spawn(server::watch_idle_clients(bridge.clone()));
@@ -97,6 +101,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 crate::attach::keep_lease(attach.clone(), client.clone()).await?;
             }
             crate::attach::subscribe_nats(attach.clone(), client.clone()).await?;
+            if bridge.routes.queue_routes().next().is_some() {
+                server::watch_no_responders(bridge.clone(), client.clone()).await?;
+                let queued: Vec<usize> = bridge
+                    .routes
+                    .queue_routes()
+                    .filter(|r| r.direction.to_socketio())
+                    .map(|r| r.index)
+                    .collect();
+                for route in queued {
+                    tokio::spawn(crate::attach::run_queue_member(
+                        attach.clone(),
+                        client.clone(),
+                        route,
+                    ));
+                }
+            }
+            bridge.set_attach(attach.clone());
             tokio::spawn(attach.run());
         }
     }

@@ -28,6 +28,7 @@ use tokio::sync::Notify;
 use crate::bridge::Bridge;
 use crate::envelope::{self, Field};
 use crate::nats::backoff;
+use crate::route::Delivery;
 use crate::telemetry::{self, TO_NATS, TO_SOCKETIO};
 
 /// Topics under this prefix are the bridge's own probes on trade-feed.
@@ -57,11 +58,14 @@ pub struct Attach {
     /// Connection generation, for the probe topic.
     generation: AtomicU64,
     dead: Notify,
+    /// Per route: point-to-point consumers are still on trade-feed.
+    legacy_consumers: Vec<AtomicBool>,
 }
 
 impl Attach {
     pub fn new(bridge: Arc<Bridge>) -> Arc<Attach> {
         let lease = bridge.config.attach.lease;
+        let bridge_for_flags = bridge.clone();
         Arc::new(Attach {
             bridge,
             client: tokio::sync::Mutex::new(None),
@@ -72,6 +76,7 @@ impl Attach {
             echoes: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             dead: Notify::new(),
+            legacy_consumers: bridge_routes_flags(&bridge_for_flags),
         })
     }
 
@@ -82,7 +87,13 @@ impl Attach {
     /// Topics the bridge subscribes on trade-feed.
     fn upstream_topics(&self) -> Vec<String> {
         let mut topics: Vec<String> = Vec::new();
-        for r in self.bridge.routes.routes().iter().filter(|r| r.direction.to_nats()) {
+        for r in self
+            .bridge
+            .routes
+            .routes()
+            .iter()
+            .filter(|r| r.direction.to_nats())
+        {
             let t = if r.topic.is_literal() {
                 r.topic.as_str().to_string()
             } else {
@@ -125,7 +136,9 @@ impl Attach {
                     }
                     *self.client.lock().await = Some(client);
                     self.connected.store(true, Ordering::Relaxed);
-                    self.bridge.upstream_connected.store(true, Ordering::Relaxed);
+                    self.bridge
+                        .upstream_connected
+                        .store(true, Ordering::Relaxed);
                     connected_gauge.set(1.0);
                     tracing::info!(
                         url = %cfg.url,
@@ -136,7 +149,9 @@ impl Attach {
                     self.flush_buffer().await;
                     self.dead.notified().await;
                     self.connected.store(false, Ordering::Relaxed);
-                    self.bridge.upstream_connected.store(false, Ordering::Relaxed);
+                    self.bridge
+                        .upstream_connected
+                        .store(false, Ordering::Relaxed);
                     connected_gauge.set(0.0);
                     down_since = Instant::now();
                     if let Some(c) = self.client.lock().await.take() {
@@ -149,7 +164,8 @@ impl Attach {
                 }
                 Err(e) => {
                     attempt += 1;
-                    let delay = backoff(attempt, cfg.reconnect_delay_max).max(cfg.reconnect_delay_min);
+                    let delay =
+                        backoff(attempt, cfg.reconnect_delay_max).max(cfg.reconnect_delay_min);
                     self.bridge.warn_limited(
                         "upstream_connect",
                         format_args!(
@@ -244,7 +260,12 @@ impl Attach {
         }
         // Wait briefly for the probe's join notice, which names our socket id.
         for _ in 0..100 {
-            if self.own_id.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+            if self
+                .own_id
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -258,7 +279,9 @@ impl Attach {
             telemetry::rejected("", TO_NATS, "binary_payload");
             return;
         };
-        let Some(env) = values.into_iter().next() else { return };
+        let Some(env) = values.into_iter().next() else {
+            return;
+        };
         let topic = env.get("topic").and_then(Value::as_str).unwrap_or_default();
         let from = env.get("from").and_then(Value::as_str).unwrap_or_default();
         if from == "System" {
@@ -277,10 +300,22 @@ impl Attach {
         let route_name = self.bridge.routes.get(mapped.route).name.clone();
         let kind = env.get("type").cloned().unwrap_or_else(|| json!("message"));
         let payload = env.get("payload").cloned();
-        let own = self.own_id.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let own = self
+            .own_id
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let by_content = self.take_echo(topic, &kind, payload.as_ref());
         if own.as_deref() == Some(from) || by_content {
-            telemetry::suppressed(&route_name, TO_NATS, if by_content { "own_echo" } else { "own_echo_id" });
+            telemetry::suppressed(
+                &route_name,
+                TO_NATS,
+                if by_content {
+                    "own_echo"
+                } else {
+                    "own_echo_id"
+                },
+            );
             return;
         }
         let raw = |v: &Value| to_raw_value(v).expect("json value");
@@ -292,7 +327,13 @@ impl Attach {
             Some(d) => Field::Raw(d),
             None => Field::Num(envelope::now_ms()),
         };
-        if let Ok(out) = self.bridge.prepare(
+        let queue = self.bridge.routes.get(mapped.route).delivery == Delivery::Queue;
+        if queue && self.legacy_consumers(mapped.route) {
+            // trade-feed already handed it to its own consumers.
+            telemetry::suppressed(&route_name, TO_NATS, "consumed_on_trade_feed");
+            return;
+        }
+        if let Ok(mut out) = self.bridge.prepare(
             &mapped,
             topic,
             &kind_raw,
@@ -301,8 +342,39 @@ impl Attach {
             payload_raw.as_deref(),
             Instant::now(),
         ) {
+            if queue {
+                out.reply = Some(format!(
+                    "{}.{}",
+                    self.bridge.no_responders_prefix(),
+                    mapped.route
+                ));
+            }
             self.bridge.enqueue(out);
         }
+    }
+
+    /// Whether a point-to-point route's consumers are still on trade-feed.
+    pub fn legacy_consumers(&self, route: usize) -> bool {
+        self.legacy_consumers[route].load(Ordering::Relaxed)
+    }
+
+    /// Declares where a point-to-point route's consumers are; `false` when
+    /// no such route exists.
+    pub fn set_legacy_consumers(&self, route_name: &str, present: bool) -> bool {
+        let Some(r) = self
+            .bridge
+            .routes
+            .queue_routes()
+            .find(|r| r.name == route_name)
+        else {
+            return false;
+        };
+        let before = self.legacy_consumers[r.index].swap(present, Ordering::Relaxed);
+        if before != present {
+            tracing::info!(route = %route_name, present, "legacy consumers on trade-feed");
+            self.bridge.membership_changed();
+        }
+        true
     }
 
     fn learn_own_id(&self, env: &Value, topic: &str) {
@@ -369,11 +441,18 @@ impl Attach {
             let guard = self.client.lock().await;
             if let Some(c) = guard.as_ref() {
                 // Anything buffered goes first, to keep the order.
-                if self.buffer.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+                if self
+                    .buffer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_empty()
+                {
                     match self.emit(c, &p).await {
                         Ok(()) => return,
                         Err(e) => {
-                            tracing::warn!("emit to trade-feed failed: {e}; buffering and reconnecting");
+                            tracing::warn!(
+                                "emit to trade-feed failed: {e}; buffering and reconnecting"
+                            );
                             self.dead.notify_one();
                         }
                     }
@@ -425,11 +504,18 @@ impl Attach {
         let Some(c) = guard.as_ref() else { return };
         let mut sent = 0usize;
         loop {
-            let next = self.buffer.lock().unwrap_or_else(|e| e.into_inner()).pop_front();
+            let next = self
+                .buffer
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_front();
             let Some(p) = next else { break };
             if let Err(e) = self.emit(c, &p).await {
                 tracing::warn!("emit to trade-feed failed while replaying: {e}");
-                self.buffer.lock().unwrap_or_else(|e| e.into_inner()).push_front(p);
+                self.buffer
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_front(p);
                 self.dead.notify_one();
                 break;
             }
@@ -438,8 +524,94 @@ impl Attach {
         let left = self.buffer.lock().unwrap_or_else(|e| e.into_inner()).len();
         metrics::gauge!(telemetry::BUFFERED).set(left as f64);
         if sent > 0 {
-            tracing::info!(replayed = sent, "sent messages buffered while trade-feed was unreachable");
+            tracing::info!(
+                replayed = sent,
+                "sent messages buffered while trade-feed was unreachable"
+            );
         }
+    }
+}
+
+fn bridge_routes_flags(bridge: &Bridge) -> Vec<AtomicBool> {
+    bridge
+        .routes
+        .routes()
+        .iter()
+        .map(|r| {
+            let declared = bridge.config.attach.legacy_consumers.get(&r.name).copied();
+            AtomicBool::new(declared.unwrap_or(true))
+        })
+        .collect()
+}
+
+/// Competes in a point-to-point route's queue group while its consumers are
+/// declared to be on trade-feed and this bridge is the active attacher;
+/// what it is given goes to trade-feed (buffered while detached).
+pub async fn run_queue_member(attach: Arc<Attach>, client: async_nats::Client, route: usize) {
+    let r = attach.bridge.routes.get(route).clone();
+    let subject = r.subject.as_str().to_string();
+    let group = r.queue_group.clone().unwrap_or_default();
+    let mut epoch = attach.bridge.membership.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut sub: Option<async_nats::Subscriber> = None;
+    loop {
+        let want = attach.is_active() && attach.legacy_consumers(route);
+        if want && sub.is_none() {
+            match client.queue_subscribe(subject.clone(), group.clone()).await {
+                Ok(s) => {
+                    let _ = client.flush().await;
+                    sub = Some(s);
+                    tracing::info!(%subject, %group, "joined the queue group for trade-feed's consumers");
+                }
+                Err(e) => tracing::warn!(%subject, "cannot join the queue group: {e}"),
+            }
+        } else if !want {
+            if let Some(mut s) = sub.take() {
+                let _ = s.unsubscribe().await;
+                tracing::info!(%subject, %group, "left the queue group");
+                // Messages already given to this member still go to trade-feed.
+                while let Some(Some(msg)) = s.next().now_or_never() {
+                    attach.take_queued(&msg, route).await;
+                }
+            }
+        }
+        tokio::select! {
+            _ = epoch.changed() => {}
+            _ = tick.tick() => {}
+            msg = async {
+                match sub.as_mut() {
+                    Some(s) => s.next().await,
+                    None => std::future::pending().await,
+                }
+            } => match msg {
+                Some(msg) => attach.take_queued(&msg, route).await,
+                None => sub = None,
+            },
+        }
+    }
+}
+
+impl Attach {
+    async fn take_queued(&self, msg: &async_nats::Message, route: usize) {
+        let mut pending = None;
+        self.bridge
+            .from_nats_queue(msg, route, |route, topic, env| {
+                pending = Some(pending_from(route, topic, env));
+            });
+        if let Some(p) = pending {
+            self.to_upstream(p).await;
+        }
+    }
+}
+
+fn pending_from(route: usize, topic: &str, env: &crate::envelope::EnvelopeOut<'_>) -> Pending {
+    let to_value = |r: &RawValue| serde_json::from_str::<Value>(r.get()).unwrap_or(Value::Null);
+    Pending {
+        route,
+        received: Instant::now(),
+        topic: topic.to_string(),
+        kind: to_value(env.kind),
+        payload: env.payload.map(to_value).unwrap_or(Value::Null),
     }
 }
 
@@ -456,14 +628,7 @@ pub async fn subscribe_nats(attach: Arc<Attach>, client: async_nats::Client) -> 
                 }
                 let mut pending = None;
                 attach.bridge.from_nats(&msg, &serves, |route, topic, env| {
-                    let to_value = |r: &RawValue| serde_json::from_str::<Value>(r.get()).unwrap_or(Value::Null);
-                    pending = Some(Pending {
-                        route,
-                        received: Instant::now(),
-                        topic: topic.to_string(),
-                        kind: to_value(env.kind),
-                        payload: env.payload.map(to_value).unwrap_or(Value::Null),
-                    });
+                    pending = Some(pending_from(route, topic, env));
                 });
                 if let Some(p) = pending {
                     attach.to_upstream(p).await;
@@ -511,7 +676,13 @@ pub async fn keep_lease(attach: Arc<Attach>, client: async_nats::Client) -> anyh
     let key: String = cfg
         .url
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let me = bytes::Bytes::from(attach.bridge.instance_id.clone());
     let period = cfg.lease_ttl / 3;

@@ -92,6 +92,7 @@ pub struct Bridge {
     /// Bumped whenever a legacy client joins or leaves a room, so the
     /// point-to-point members can follow their rooms.
     pub membership: tokio::sync::watch::Sender<u64>,
+    attach: OnceLock<Arc<crate::attach::Attach>>,
 }
 
 impl Bridge {
@@ -134,6 +135,7 @@ impl Bridge {
             shutting_down: AtomicBool::new(false),
             last_legacy_activity_ms: AtomicU64::new(0),
             membership: tokio::sync::watch::channel(0).0,
+            attach: OnceLock::new(),
         })
     }
 
@@ -143,6 +145,15 @@ impl Bridge {
 
     pub fn io(&self) -> Option<&SocketIo> {
         self.io.get()
+    }
+
+    pub fn set_attach(&self, attach: Arc<crate::attach::Attach>) {
+        let _ = self.attach.set(attach);
+    }
+
+    /// The attach-mode side, when running in attach mode.
+    pub fn attach(&self) -> Option<&Arc<crate::attach::Attach>> {
+        self.attach.get()
     }
 
     pub fn membership_changed(&self) {
@@ -330,7 +341,12 @@ impl Bridge {
             let published = match out.reply {
                 Some(reply) => {
                     client
-                        .publish_with_reply_and_headers(subject.clone(), reply, out.headers, out.body)
+                        .publish_with_reply_and_headers(
+                            subject.clone(),
+                            reply,
+                            out.headers,
+                            out.body,
+                        )
                         .await
                 }
                 None => {
@@ -395,8 +411,13 @@ impl Bridge {
         self.from_nats_inner(msg, &[route], true, deliver)
     }
 
-    fn from_nats_inner<F>(&self, msg: &async_nats::Message, serves: &[usize], own_ok: bool, deliver: F)
-    where
+    fn from_nats_inner<F>(
+        &self,
+        msg: &async_nats::Message,
+        serves: &[usize],
+        own_ok: bool,
+        deliver: F,
+    ) where
         F: FnOnce(usize, &str, &EnvelopeOut<'_>),
     {
         let Some(mapped) = self.routes.to_topic(msg.subject.as_str()) else {
@@ -459,7 +480,8 @@ impl Bridge {
         m.latency_to_socketio
             .record(received.elapsed().as_secs_f64());
         let a = &self.activity[route];
-        a.to_socketio_ms.store(envelope::now_ms(), Ordering::Relaxed);
+        a.to_socketio_ms
+            .store(envelope::now_ms(), Ordering::Relaxed);
         a.to_socketio_count.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -107,6 +107,11 @@ pub struct AttachConfig {
     pub lease_bucket: String,
     #[serde(with = "humantime_serde")]
     pub lease_ttl: Duration,
+    /// Point-to-point routes (by name) whose consumers are still on
+    /// trade-feed. trade-feed does not tell a client who is in a room, so the
+    /// operator says it; routes not listed count as having legacy consumers.
+    /// Changed at run time with `PUT /api/attach/legacy-consumers/<route>`.
+    pub legacy_consumers: std::collections::BTreeMap<String, bool>,
 }
 
 impl Default for AttachConfig {
@@ -123,6 +128,7 @@ impl Default for AttachConfig {
             lease: true,
             lease_bucket: "tradefeed_bridge".into(),
             lease_ttl: Duration::from_secs(6),
+            legacy_consumers: Default::default(),
         }
     }
 }

@@ -240,7 +240,10 @@ mod tests {
     #[test]
     fn null_payload_is_kept() {
         let a = arg(r#"{"topic":"/t","payload":null}"#);
-        assert_eq!(parse_publish(&a).unwrap().payload.map(|p| p.get()), Some("null"));
+        assert_eq!(
+            parse_publish(&a).unwrap().payload.map(|p| p.get()),
+            Some("null")
+        );
         let a = arg(r#"{"topic":"/t"}"#);
         assert!(parse_publish(&a).unwrap().payload.is_none());
         assert!(matches!(

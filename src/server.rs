@@ -402,7 +402,10 @@ fn on_publish(
                 reply(ack, Ok(()));
             } else {
                 bridge.undeliverable(m.route, "NATS is down and no legacy consumer is connected");
-                reply(ack, Err("no consumer: NATS is down and no legacy consumer is connected"));
+                reply(
+                    ack,
+                    Err("no consumer: NATS is down and no legacy consumer is connected"),
+                );
             }
         }
         return;
@@ -447,7 +450,10 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
             .map_or(0, |io| io.within(topic.clone()).sockets().len());
         let want = members > 0 && !bridge.shutting_down.load(Ordering::Relaxed);
         if want && sub.is_none() {
-            match qclient.queue_subscribe(subject.clone(), group.clone()).await {
+            match qclient
+                .queue_subscribe(subject.clone(), group.clone())
+                .await
+            {
                 Ok(s) => {
                     let _ = qclient.flush().await;
                     sub = Some(s);
@@ -505,7 +511,10 @@ async fn requeue(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Message) {
     const H_REQUEUED: &str = "Tradefeed-Bridge-Requeued";
     let mut headers = msg.headers.clone().unwrap_or_default();
     if headers.get(H_REQUEUED).is_some() {
-        bridge.undeliverable(route, "its legacy consumer left and it was already given back once");
+        bridge.undeliverable(
+            route,
+            "its legacy consumer left and it was already given back once",
+        );
         return;
     }
     headers.insert(H_REQUEUED, bridge.instance_id.as_str());
@@ -515,7 +524,10 @@ async fn requeue(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Message) {
         .publish_with_reply_and_headers(msg.subject.clone(), reply, headers, msg.payload.clone())
         .await
     {
-        bridge.undeliverable(route, &format!("giving it back to the queue group failed: {e}"));
+        bridge.undeliverable(
+            route,
+            &format!("giving it back to the queue group failed: {e}"),
+        );
     } else {
         tracing::info!(subject = %msg.subject, "gave a point-to-point message back: its legacy consumer left");
     }
@@ -523,7 +535,10 @@ async fn requeue(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Message) {
 
 /// Counts point-to-point messages that reached no consumer anywhere: the
 /// server answers their reply subject with "no responders".
-pub async fn watch_no_responders(bridge: Arc<Bridge>, client: async_nats::Client) -> anyhow::Result<()> {
+pub async fn watch_no_responders(
+    bridge: Arc<Bridge>,
+    client: async_nats::Client,
+) -> anyhow::Result<()> {
     let mut sub = client
         .subscribe(format!("{}.>", bridge.no_responders_prefix()))
         .await?;
@@ -539,7 +554,10 @@ pub async fn watch_no_responders(bridge: Arc<Bridge>, client: async_nats::Client
                 .and_then(|r| r.parse::<usize>().ok())
                 .filter(|r| *r < bridge.routes.routes().len());
             if let Some(route) = route {
-                bridge.undeliverable(route, "no consumer anywhere (no NATS member in the queue group, no legacy consumer)");
+                bridge.undeliverable(
+                    route,
+                    "no consumer anywhere (no NATS member in the queue group, no legacy consumer)",
+                );
             }
         }
     });
