@@ -595,7 +595,7 @@ impl Attach {
     async fn take_queued(&self, msg: &async_nats::Message, route: usize) {
         let mut pending = None;
         self.bridge
-            .from_nats_queue(msg, route, |route, topic, env| {
+            .queued_to_legacy(msg, route, |route, topic, env| {
                 pending = Some(pending_from(route, topic, env));
             });
         if let Some(p) = pending {
@@ -627,7 +627,7 @@ pub async fn subscribe_nats(attach: Arc<Attach>, client: async_nats::Client) -> 
                     continue;
                 }
                 let mut pending = None;
-                attach.bridge.from_nats(&msg, &serves, |route, topic, env| {
+                attach.bridge.nats_to_legacy(&msg, &serves, |route, topic, env| {
                     pending = Some(pending_from(route, topic, env));
                 });
                 if let Some(p) = pending {
@@ -649,7 +649,7 @@ pub async fn keep_lease(attach: Arc<Attach>, client: async_nats::Client) -> anyh
     let cfg = &attach.bridge.config.attach;
     let mut waited = 0u32;
     while client.connection_state() != async_nats::connection::State::Connected {
-        if waited % 100 == 0 {
+        if waited.is_multiple_of(100) {
             tracing::info!("waiting for NATS before taking the attach lease");
         }
         waited += 1;

@@ -395,23 +395,23 @@ impl Bridge {
     /// Turns a NATS message into a legacy envelope for `deliver`. Returns
     /// `None` when the message is not for the given subscription's routes, is
     /// this bridge's own, or is refused (counted).
-    pub fn from_nats<F>(&self, msg: &async_nats::Message, serves: &[usize], deliver: F)
+    pub fn nats_to_legacy<F>(&self, msg: &async_nats::Message, serves: &[usize], deliver: F)
     where
         F: FnOnce(usize, &str, &EnvelopeOut<'_>),
     {
-        self.from_nats_inner(msg, serves, false, deliver)
+        self.convert_nats(msg, serves, false, deliver)
     }
 
     /// For point-to-point routes: the queue group chose this bridge, even for
     /// a message this bridge published itself.
-    pub fn from_nats_queue<F>(&self, msg: &async_nats::Message, route: usize, deliver: F)
+    pub fn queued_to_legacy<F>(&self, msg: &async_nats::Message, route: usize, deliver: F)
     where
         F: FnOnce(usize, &str, &EnvelopeOut<'_>),
     {
-        self.from_nats_inner(msg, &[route], true, deliver)
+        self.convert_nats(msg, &[route], true, deliver)
     }
 
-    fn from_nats_inner<F>(
+    fn convert_nats<F>(
         &self,
         msg: &async_nats::Message,
         serves: &[usize],

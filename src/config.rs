@@ -540,7 +540,7 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         }
     }
 
-    if !matches!(tracing_subscriber::EnvFilter::try_new(&c.log.level), Ok(_)) {
+    if tracing_subscriber::EnvFilter::try_new(&c.log.level).is_err() {
         p.push(problem(
             "log.level",
             format!("`{}` is not a tracing filter such as info", c.log.level),

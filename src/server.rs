@@ -493,7 +493,7 @@ async fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Messag
     let Some(io) = bridge.io() else { return };
     let received = Instant::now();
     let mut handed: Option<bool> = None;
-    bridge.from_nats_queue(&msg, route, |route, topic, env| {
+    bridge.queued_to_legacy(&msg, route, |route, topic, env| {
         let name = &bridge.routes.get(route).name;
         let ok = deliver_to(bridge, io, Audience::Room, name, topic, env) > 0;
         if ok {
@@ -651,7 +651,7 @@ pub async fn subscribe_nats(bridge: Arc<Bridge>, client: async_nats::Client) -> 
             while let Some(msg) = sub.next().await {
                 let Some(io) = bridge.io() else { continue };
                 let received = Instant::now();
-                bridge.from_nats(&msg, &serves, |route, topic, env| {
+                bridge.nats_to_legacy(&msg, &serves, |route, topic, env| {
                     let name = &bridge.routes.get(route).name;
                     deliver(&bridge, io, name, topic, env);
                     bridge.forwarded_to_socketio(route, received);
