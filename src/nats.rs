@@ -89,12 +89,15 @@ async fn connect_as(
 }
 
 /// Capped exponential back-off with jitter, so a fleet of bridges does not
-/// reconnect in step.
+/// reconnect in step. The first attempt (1) goes at once; then 100 ms,
+/// 200 ms, 400 ms ... up to `max`, each scaled by a random 50-100 %.
 pub fn backoff(attempts: usize, max: Duration) -> Duration {
-    let base = Duration::from_millis(100).saturating_mul(1u32 << attempts.min(16) as u32);
-    let capped = base.min(max);
-    let jitter = rand::rng().random_range(0.5..=1.0);
-    capped.mul_f64(jitter)
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let exp = (attempts - 2).min(16) as u32;
+    let capped = Duration::from_millis(100).saturating_mul(1u32 << exp).min(max);
+    capped.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
 fn on_event(bridge: &Bridge, event: Event) {
@@ -142,10 +145,13 @@ mod tests {
     #[test]
     fn backoff_is_capped_and_jittered() {
         let max = Duration::from_secs(2);
-        for a in 0..40 {
+        assert_eq!(backoff(0, max), Duration::ZERO);
+        assert_eq!(backoff(1, max), Duration::ZERO);
+        for a in 2..40 {
             let d = backoff(a, max);
             assert!(d <= max, "{a}: {d:?}");
             assert!(d >= Duration::from_millis(50), "{a}: {d:?}");
         }
+        assert!(backoff(30, max) >= max / 2);
     }
 }
