@@ -5,6 +5,7 @@
 //! (the bridge or the hub) on free loopback ports, pinned with `taskset`.
 //! The load generator is this process; `scripts/bench.sh` pins it too.
 
+mod clients;
 mod load;
 mod msg;
 mod procs;

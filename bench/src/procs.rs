@@ -263,7 +263,8 @@ pub fn metric_sum(admin_port: u16, name: &str) -> f64 {
             }
             l.rsplit(' ').next()?.parse::<f64>().ok()
         })
-        .sum()
+        .sum::<f64>()
+        + 0.0
 }
 
 fn wait_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
