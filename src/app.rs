@@ -38,6 +38,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("cannot listen on admin.listen {admin_addr}"))?;
+    tokio::spawn(telemetry::run_upkeep(prometheus.clone()));
     let admin_app = admin::router(bridge.clone(), prometheus);
     tracing::info!(addr = %admin_listener.local_addr()?, "admin endpoint (/healthz, /readyz, /metrics)");
     tokio::spawn(async move {

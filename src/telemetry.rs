@@ -62,6 +62,18 @@ pub fn init_metrics() -> PrometheusHandle {
         .expect("metrics recorder installed once")
 }
 
+/// Drains histogram samples into their buckets every few seconds. The
+/// recorder keeps every sample until upkeep runs, so without it memory grows
+/// with each forwarded message whenever `/metrics` is not scraped.
+pub async fn run_upkeep(handle: PrometheusHandle) {
+    const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
 /// Per-route handles for the hot path.
 pub struct RouteMetrics {
     pub forwarded_to_nats: Counter,

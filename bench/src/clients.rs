@@ -17,6 +17,10 @@ use crate::sio;
 
 /// Counters every subscriber adds to.
 pub struct Shared {
+    /// Deliveries owed for what was sent so far.
+    pub owed: AtomicU64,
+    /// Woken as deliveries arrive, for publishers held by their window.
+    pub progress: tokio::sync::Notify,
     pub delivered: AtomicU64,
     pub duplicated: AtomicU64,
     pub last_ns: AtomicU64,
@@ -26,6 +30,8 @@ pub struct Shared {
 impl Shared {
     pub fn new() -> Shared {
         Shared {
+            owed: AtomicU64::new(0),
+            progress: tokio::sync::Notify::new(),
             delivered: AtomicU64::new(0),
             duplicated: AtomicU64::new(0),
             last_ns: AtomicU64::new(0),
@@ -83,7 +89,10 @@ impl Seen {
             return;
         }
         bits[word] |= bit;
-        self.shared.delivered.fetch_add(1, Ordering::Relaxed);
+        let n = self.shared.delivered.fetch_add(1, Ordering::Relaxed);
+        if n % 64 == 0 {
+            self.shared.progress.notify_waiters();
+        }
         self.shared.last_ns.fetch_max(now, Ordering::Relaxed);
         self.latencies.push(now.saturating_sub(m.sent_ns) / 1000);
         if self.latencies.len() >= LATENCY_BATCH {
@@ -113,6 +122,11 @@ pub struct Plan {
     /// Messages per second for this publisher; `None`: unlimited.
     pub rate: Option<f64>,
     pub duration: Duration,
+    /// Without a rate: the most deliveries (over all publishers) that may be
+    /// owed and not yet received before this publisher waits; `None` floods.
+    pub window: Option<u64>,
+    /// Deliveries each message owes (its account's subscribers).
+    pub owed_per_message: u64,
 }
 
 impl Plan {
@@ -138,6 +152,21 @@ impl Plan {
 
     fn finished(&self, elapsed: Duration, sent: u64) -> bool {
         sent >= self.total() || (self.rate.is_none() && elapsed >= self.duration)
+    }
+}
+
+/// Waits while more deliveries are owed than the window allows, so an
+/// unlimited publisher runs as fast as the server sustains without building
+/// an unbounded queue in it.
+async fn hold_for_window(plan: &Plan, shared: &Shared) {
+    let Some(window) = plan.window else { return };
+    for _ in 0..10_000 {
+        let owed = shared.owed.load(Ordering::Relaxed);
+        let delivered = shared.delivered.load(Ordering::Relaxed);
+        if owed.saturating_sub(delivered) <= window {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(2), shared.progress.notified()).await;
     }
 }
 
@@ -263,6 +292,7 @@ pub fn publisher(
     gate: Arc<Semaphore>,
     ready: oneshot::Sender<anyhow::Result<()>>,
     count: oneshot::Sender<anyhow::Result<u64>>,
+    shared: Arc<Shared>,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let side = spec.publish;
     let (sio_port, nats_port) = (spec.sio_port, spec.nats_port);
@@ -273,7 +303,7 @@ pub fn publisher(
                 Ok(c) => {
                     drop(permit);
                     let _ = ready.send(Ok(()));
-                    sio_publisher(c, plan, go, stop, count).await;
+                    sio_publisher(c, plan, go, stop, count, shared).await;
                 }
                 Err(e) => {
                     let _ = ready.send(Err(e));
@@ -283,7 +313,7 @@ pub fn publisher(
                 Ok(c) => {
                     drop(permit);
                     let _ = ready.send(Ok(()));
-                    nats_publisher(c, plan, go, stop, count).await;
+                    nats_publisher(c, plan, go, stop, count, shared).await;
                 }
                 Err(e) => {
                     let _ = ready.send(Err(e));
@@ -303,6 +333,7 @@ async fn sio_publisher(
     mut go: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
     count: oneshot::Sender<anyhow::Result<u64>>,
+    shared: Arc<Shared>,
 ) {
     let (mut sink, mut stream) = c.ws.split();
     // The server pings every 25 s; the reader hands pings to the writer.
@@ -325,7 +356,11 @@ async fn sio_publisher(
         if plan.finished(elapsed, sent) {
             break;
         }
+        hold_for_window(&plan, &shared).await;
         let due = plan.due(elapsed, sent);
+        shared
+            .owed
+            .fetch_add((due - sent) * plan.owed_per_message, Ordering::Relaxed);
         while sent < due {
             msg::position(&mut payload, plan.account, plan.index, sent, msg::now_ns());
             sio::publish_frame(&mut frame, &topic, "Position", &payload);
@@ -370,6 +405,7 @@ async fn nats_publisher(
     mut go: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
     count: oneshot::Sender<anyhow::Result<u64>>,
+    shared: Arc<Shared>,
 ) {
     wait_go(&mut go).await;
     let subject = msg::subject(plan.account);
@@ -382,7 +418,11 @@ async fn nats_publisher(
         if plan.finished(elapsed, sent) {
             break;
         }
+        hold_for_window(&plan, &shared).await;
         let due = plan.due(elapsed, sent);
+        shared
+            .owed
+            .fetch_add((due - sent) * plan.owed_per_message, Ordering::Relaxed);
         while sent < due {
             msg::position(&mut payload, plan.account, plan.index, sent, msg::now_ns());
             msg::nats_envelope(&mut body, &subject, &payload);

@@ -35,6 +35,9 @@ pub struct Spec {
     pub accounts: usize,
     /// Aggregate messages per second over all publishers; `None`: unlimited.
     pub rate: Option<u64>,
+    /// Unlimited publishers keep at most this many messages in flight (sent,
+    /// not yet received by every subscriber); `None`: open loop (a flood).
+    pub window: Option<u64>,
     pub duration: Duration,
     /// Longest wait for messages still on their way after the last send.
     pub drain: Duration,
@@ -127,6 +130,8 @@ pub async fn run(spec: &Spec) -> anyhow::Result<Outcome> {
             account: msg::FIRST_ACCOUNT + (i % spec.accounts) as u64,
             rate: spec.rate.map(|r| r as f64 / spec.publishers as f64),
             duration: spec.duration,
+            window: spec.window.map(|w| w * per_account(spec)),
+            owed_per_message: subscribers_of(spec, i % spec.accounts),
         };
         let (ready_tx, ready_rx) = oneshot::channel();
         let (count_tx, count_rx) = oneshot::channel();
@@ -140,6 +145,7 @@ pub async fn run(spec: &Spec) -> anyhow::Result<Outcome> {
             gate.clone(),
             ready_tx,
             count_tx,
+            shared.clone(),
         );
         pubs.push(tokio::spawn(task));
     }
@@ -215,6 +221,18 @@ pub async fn run(spec: &Spec) -> anyhow::Result<Outcome> {
         client_cpu_pct: usage_between("", me_before, me_after, 0, wall).cpu_pct,
         procs,
     })
+}
+
+/// Subscribers listening to account index `a`.
+fn subscribers_of(spec: &Spec, a: usize) -> u64 {
+    (0..spec.subscribers)
+        .filter(|j| j % spec.accounts == a)
+        .count() as u64
+}
+
+/// Subscribers per account, on average (at least one).
+fn per_account(spec: &Spec) -> u64 {
+    (spec.subscribers / spec.accounts).max(1) as u64
 }
 
 /// Until every owed delivery arrived, nothing arrived for a second, or `drain` ran out.

@@ -56,7 +56,9 @@ struct Cli {
     /// Shapes, publishers x subscribers.
     #[arg(long, value_delimiter = ',', default_value = "1x1,1x50,10x10")]
     shapes: Vec<String>,
-    /// Aggregate rates in msg/s, or `unlimited`.
+    /// Aggregate rates in msg/s; `unlimited` (as fast as the server sustains,
+    /// at most --window messages in flight) or `flood` (open loop: shows
+    /// what the server sheds).
     #[arg(
         long,
         value_delimiter = ',',
@@ -69,6 +71,9 @@ struct Cli {
         default_value = "sio-sio,sio-nats,nats-sio,nats-nats"
     )]
     paths: Vec<String>,
+    /// Messages in flight for `unlimited` publishers.
+    #[arg(long, default_value_t = 2000)]
+    window: u64,
     /// Servers under test for the Socket.IO -> Socket.IO path.
     #[arg(long, value_delimiter = ',', default_value = "bridge,hub")]
     targets: Vec<String>,
@@ -220,7 +225,7 @@ fn run_path(
     bridge_env: &[(String, String)],
     path: &str,
     shape: (usize, usize),
-    rate: Option<u64>,
+    (rate, flood): (Option<u64>, bool),
 ) -> anyhow::Result<Vec<CaseResult>> {
     let (publish, subscribe) = match path {
         "sio-sio" => (Side::Sio, Side::Sio),
@@ -236,6 +241,7 @@ fn run_path(
         subscribers: shape.1,
         accounts: 1,
         rate,
+        window: (!flood).then_some(cli.window),
         duration: cli.duration,
         drain: cli.drain,
         settle: Duration::from_millis(200),
@@ -272,8 +278,19 @@ fn run_path(
         let outcome = rt
             .block_on(load::run(&spec))
             .with_context(|| format!("case {target} {path} {}x{} {rate:?}", shape.0, shape.1))?;
-        let shed =
-            shed_port.map(|p| procs::metric_sum(p, "tradefeed_bridge_messages_dropped_total"));
+        // What the bridge counted as dropped on the way to these subscribers.
+        let direction = match subscribe {
+            Side::Sio => "direction=\"to_socketio\"",
+            Side::Nats => "direction=\"to_nats\"",
+        };
+        // A full client buffer costs one delivery; any other drop (a full
+        // queue, NATS down) costs the message, i.e. one delivery per subscriber.
+        let shed = shed_port.map(|p| {
+            let name = "tradefeed_bridge_messages_dropped_total";
+            let all = procs::metric_sum(p, name, direction);
+            let per_client = procs::metric_sum(p, name, "reason=\"client_buffer_full\"");
+            per_client + (all - per_client) * shape.1 as f64
+        });
         drop(server);
         out.push(CaseResult {
             target: target.to_string(),
@@ -281,6 +298,7 @@ fn run_path(
             publishers: shape.0,
             subscribers: shape.1,
             rate,
+            flood,
             shed,
             outcome,
         });
@@ -310,6 +328,7 @@ fn run_scale(
         subscribers: clients,
         accounts,
         rate: Some(cli.scale_rate),
+        window: None,
         duration: cli.scale_duration,
         drain: cli.drain,
         // Idle time before publishing, so the idle RSS is read at rest.
@@ -398,15 +417,17 @@ fn parse_shape(s: &str) -> anyhow::Result<(usize, usize)> {
     Ok((p, q))
 }
 
-fn parse_rate(s: &str) -> anyhow::Result<Option<u64>> {
+/// A rate option: (rate, flood).
+fn parse_rate(s: &str) -> anyhow::Result<(Option<u64>, bool)> {
     match s {
-        "unlimited" | "max" => Ok(None),
+        "unlimited" | "max" => Ok((None, false)),
+        "flood" => Ok((None, true)),
         n => {
             let r: u64 = n.parse().with_context(|| format!("bad rate {n}"))?;
             if r == 0 {
                 bail!("rate 0: use `unlimited` for no limit");
             }
-            Ok(Some(r))
+            Ok((Some(r), false))
         }
     }
 }

@@ -246,8 +246,9 @@ pub fn http_agent(timeout: Duration) -> ureq::Agent {
         .into()
 }
 
-/// Sum of a Prometheus counter over all its series (0 when absent).
-pub fn metric_sum(admin_port: u16, name: &str) -> f64 {
+/// Sum of a Prometheus counter over its series whose labels contain
+/// `labels` (e.g. `direction="to_socketio"`); 0 when absent.
+pub fn metric_sum(admin_port: u16, name: &str, labels: &str) -> f64 {
     let agent = http_agent(Duration::from_secs(5));
     let url = format!("http://127.0.0.1:{admin_port}/metrics");
     let Ok(mut resp) = agent.get(&url).call() else {
@@ -258,7 +259,7 @@ pub fn metric_sum(admin_port: u16, name: &str) -> f64 {
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let rest = l.strip_prefix(name)?;
-            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            if !(rest.starts_with('{') || rest.starts_with(' ')) || !rest.contains(labels) {
                 return None;
             }
             l.rsplit(' ').next()?.parse::<f64>().ok()

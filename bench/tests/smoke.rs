@@ -43,50 +43,20 @@ fn nats_server_bin() -> PathBuf {
 
 const DOC: &str = "# Performance\n\nhand-written text\n\n<!-- bench:results:begin (written by scripts/bench.sh) -->\nold results\n<!-- bench:results:end -->\n\nmore text\n";
 
-#[test]
-fn a_short_run_reports_every_message_delivered_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("results.json");
-    let doc = dir.path().join("performance.md");
-    std::fs::write(&doc, DOC).unwrap();
-    let root = root();
+/// Runs tfb-bench with `args` (bounded in time) and returns its JSON report.
+fn run_bench(dir: &Path, args: &[&str]) -> Value {
+    let json = dir.join("results.json");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tfb-bench"))
-        .current_dir(&root)
+        .current_dir(root())
         .arg("--bridge-bin")
         .arg(bridge_bin())
         .arg("--nats-server")
         .arg(nats_server_bin())
-        .args([
-            "--duration",
-            "1s",
-            "--drain",
-            "10s",
-            "--shapes",
-            "1x2",
-            "--rates",
-            "200",
-        ])
-        .args([
-            "--paths",
-            "sio-sio,sio-nats,nats-sio,nats-nats",
-            "--targets",
-            "bridge,hub",
-        ])
-        .args([
-            "--scale",
-            "20",
-            "--scale-accounts",
-            "4",
-            "--scale-rate",
-            "40",
-        ])
-        .args(["--scale-duration", "1s", "--startup-runs", "1"])
         .arg("--out-json")
         .arg(&json)
-        .arg("--doc")
-        .arg(&doc)
         .arg("--log-dir")
-        .arg(dir.path().join("logs"))
+        .arg(dir.join("logs"))
+        .args(args)
         .stdin(Stdio::null())
         .spawn()
         .expect("tfb-bench runs");
@@ -102,8 +72,43 @@ fn a_short_run_reports_every_message_delivered_once() {
         std::thread::sleep(Duration::from_millis(100));
     };
     assert!(status.success(), "tfb-bench failed: {status}");
+    serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap()
+}
 
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+#[test]
+fn a_short_run_reports_every_message_delivered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = dir.path().join("performance.md");
+    std::fs::write(&doc, DOC).unwrap();
+    let r = run_bench(
+        dir.path(),
+        &[
+            "--duration",
+            "1s",
+            "--drain",
+            "10s",
+            "--shapes",
+            "1x2",
+            "--rates",
+            "200",
+            "--paths",
+            "sio-sio,sio-nats,nats-sio,nats-nats",
+            "--targets",
+            "bridge,hub",
+            "--scale",
+            "20",
+            "--scale-accounts",
+            "4",
+            "--scale-rate",
+            "40",
+            "--scale-duration",
+            "1s",
+            "--startup-runs",
+            "1",
+            "--doc",
+            doc.to_str().unwrap(),
+        ],
+    );
     let cases = r["cases"].as_array().unwrap();
     let seen: Vec<(String, String)> = cases
         .iter()
@@ -168,6 +173,49 @@ fn a_short_run_reports_every_message_delivered_once() {
     assert!(
         doc.contains("### Targets") && doc.contains("| bridge | 1->2 | 200 |"),
         "{doc}"
+    );
+}
+
+/// A flood into one-message client buffers: the bridge sheds, and what the
+/// subscribers miss is exactly what the bridge counts as dropped.
+#[test]
+fn a_flood_sheds_only_what_the_bridge_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run_bench(
+        dir.path(),
+        &[
+            "--duration",
+            "1s",
+            "--drain",
+            "10s",
+            "--shapes",
+            "1x2",
+            "--rates",
+            "flood",
+            "--paths",
+            "sio-sio",
+            "--targets",
+            "bridge",
+            "--scale",
+            "none",
+            "--startup-runs",
+            "0",
+            "--bridge-env",
+            "TRADEFEED_BRIDGE_SOCKETIO__MAX_BUFFER_PACKETS=1",
+        ],
+    );
+    let c = &r["cases"][0];
+    assert_eq!(c["flood"], true, "{c}");
+    let lost = c["lost"].as_u64().unwrap();
+    assert!(
+        lost > 0,
+        "one-message buffers under a flood must overflow: {c}"
+    );
+    assert_eq!(c["shed"].as_f64(), Some(lost as f64), "{c}");
+    assert_eq!(c["duplicated"], 0, "{c}");
+    assert_eq!(
+        c["delivered"].as_u64().unwrap() + lost,
+        c["expected"].as_u64().unwrap()
     );
 }
 
