@@ -6,6 +6,7 @@ pub mod admin;
 pub mod app;
 pub mod attach;
 pub mod bridge;
+pub mod census;
 pub mod config;
 pub mod envelope;
 pub mod nats;
