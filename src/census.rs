@@ -149,7 +149,7 @@ impl ClientReport {
             remote_addr: c.remote_addr,
             user_agent: c.user_agent,
             transport: transport_name(transport).to_string(),
-            path: c.path,
+            path: mount_path(&c.path),
             connected_at_ms: c.connected_at_ms,
             last_active_ms: c.last_active_ms,
             topics: c.topics.into_iter().collect(),
@@ -201,6 +201,14 @@ fn traffic(count: &AtomicU64, last: &AtomicU64) -> Traffic {
 
 fn nonzero(ms: u64) -> Option<u64> {
     (ms > 0).then_some(ms)
+}
+
+/// `/socket.io/` and `/socket.io` are one mount.
+fn mount_path(p: &str) -> String {
+    match p.trim_end_matches('/') {
+        "" => "/".to_string(),
+        trimmed => trimmed.to_string(),
+    }
 }
 
 pub fn transport_name(t: TransportType) -> &'static str {
