@@ -444,7 +444,8 @@ mod tests {
     #[test]
     fn each_kind_of_legacy_presence_blocks() {
         let w = Duration::from_secs(600);
-        let cases: Vec<(&str, Box<dyn Fn(&mut Report)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut Report)>;
+        let cases: Vec<(&str, Change, &str)> = vec![
             (
                 "connected client",
                 Box::new(|r| {

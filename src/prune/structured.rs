@@ -396,10 +396,8 @@ fn child_text<'a>(n: roxmltree::Node<'a, '_>, tag: &str) -> &'a str {
 
 fn xml_walk(doc: &roxmltree::Document<'_>, n: roxmltree::Node<'_, '_>, hits: &mut Vec<Hit>) {
     let tag = n.tag_name().name();
-    if tag == "dependency" || tag == "plugin" {
-        if maven_coordinates(doc, n, hits) {
-            return;
-        }
+    if (tag == "dependency" || tag == "plugin") && maven_coordinates(doc, n, hits) {
+        return;
     }
     for a in n.attributes() {
         let line = line_of(doc, n);
