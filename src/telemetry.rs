@@ -219,7 +219,7 @@ fn register(s: &Series, route: &str) {
         ("direction", s.direction.to_string()),
         ("reason", s.reason.to_string()),
     ];
-    counter!(s.metric, &labels).absolute(0);
+    counter!(s.metric, &labels).increment(0);
 }
 
 /// Creates, at 0, every series the running configuration can move.
@@ -252,7 +252,7 @@ fn register_all(table: &RouteTable, config: &Config) {
         }
         Mode::Attach => {
             gauge!(UPSTREAM_CONNECTED).set(0.0);
-            counter!(UPSTREAM_RECONNECTS).absolute(0);
+            counter!(UPSTREAM_RECONNECTS).increment(0);
             gauge!(BUFFERED).set(0.0);
             let active = if config.attach.lease { 0.0 } else { 1.0 };
             gauge!(ATTACH_ACTIVE).set(active);
