@@ -317,20 +317,20 @@ pub fn render(admin_url: &str, quiet_for: Duration, r: &Report, v: &Verdict) -> 
         );
         let _ = writeln!(
             s,
-            "    legacy -> NATS: {} messages, last {}",
+            "    legacy -> NATS: {} messages, last: {}",
             route.to_nats.count,
             last(route.to_nats.last_ms)
         );
         let _ = writeln!(
             s,
-            "    NATS -> legacy: {} messages, last {}",
+            "    NATS -> legacy: {} messages, last: {}",
             route.to_socketio.count,
             last(route.to_socketio.last_ms)
         );
         if let Some(rx) = &route.received_by_legacy {
             let _ = writeln!(
                 s,
-                "    received by legacy clients: {} deliveries, last {}",
+                "    received by legacy clients: {} deliveries, last: {}",
                 rx.count,
                 last(rx.last_ms)
             );
