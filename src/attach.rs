@@ -467,7 +467,7 @@ impl Attach {
         let msg = json!({"topic": p.topic, "type": p.kind, "payload": p.payload});
         match c.emit("publish", msg).await {
             Ok(()) => {
-                self.bridge.forwarded_to_socketio(p.route, p.received);
+                self.bridge.forwarded_to_socketio(p.route, p.received, 0);
                 Ok(())
             }
             Err(e) => {
@@ -627,9 +627,11 @@ pub async fn subscribe_nats(attach: Arc<Attach>, client: async_nats::Client) -> 
                     continue;
                 }
                 let mut pending = None;
-                attach.bridge.nats_to_legacy(&msg, &serves, |route, topic, env| {
-                    pending = Some(pending_from(route, topic, env));
-                });
+                attach
+                    .bridge
+                    .nats_to_legacy(&msg, &serves, |route, topic, env| {
+                        pending = Some(pending_from(route, topic, env));
+                    });
                 if let Some(p) = pending {
                     attach.to_upstream(p).await;
                 }

@@ -201,14 +201,26 @@ impl ConnectHandler<LocalAdapter, Hub> for Hub {
             .unwrap_or_else(|e| e.into_inner())
             .insert(s.id, info);
         let bridge = self.0.clone();
-        SocketRef::from(s).on_disconnect(async move |s: SocketRef, reason: socketioxide::socket::DisconnectReason| {
-            let removed = bridge.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&s.id);
-            bridge.membership_changed();
-            bridge
-                .last_legacy_activity_ms
-                .store(envelope::now_ms(), Ordering::Relaxed);
-            tracing::info!(id = %s.id, ?reason, dropped = removed.map_or(0, |c| c.dropped), "legacy client disconnected");
-        });
+        SocketRef::from(s).on_disconnect(
+            async move |s: SocketRef, reason: socketioxide::socket::DisconnectReason| {
+                let removed = bridge
+                    .clients
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&s.id);
+                bridge.membership_changed();
+                bridge
+                    .last_legacy_activity_ms
+                    .store(envelope::now_ms(), Ordering::Relaxed);
+                let dropped = removed.as_ref().map_or(0, |c| c.dropped);
+                tracing::info!(id = %s.id, ?reason, dropped, "legacy client disconnected");
+                if let Some(info) = removed {
+                    bridge
+                        .census
+                        .departed(info, s.transport_type(), reason.to_string());
+                }
+            },
+        );
     }
 
     fn call_middleware<'a>(
@@ -216,6 +228,11 @@ impl ConnectHandler<LocalAdapter, Hub> for Hub {
         s: Arc<Socket<LocalAdapter>>,
         _auth: &'a Option<Value>,
     ) -> MiddlewareFuture<'a> {
+        if self.0.shutting_down.load(Ordering::Relaxed) {
+            return Box::pin(async {
+                Err(Box::new("the bridge is shutting down") as Box<dyn std::fmt::Display + Send>)
+            });
+        }
         let socket = SocketRef::from(s);
         socket.on("subscribe", Event(self.0.clone(), Kind::Subscribe));
         socket.on("unsubscribe", Event(self.0.clone(), Kind::Unsubscribe));
@@ -389,6 +406,7 @@ fn on_publish(
     let Some(io) = bridge.io() else { return };
     let now = envelope::now_ms();
     bridge.last_legacy_activity_ms.store(now, Ordering::Relaxed);
+    bridge.census.published(now);
     {
         let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get_mut(&s.id) {
@@ -429,8 +447,9 @@ fn on_publish(
             out.ack = ack;
             bridge.enqueue(out);
         } else {
-            if deliver_to(bridge, io, Audience::Room, name, &p.topic, &env) > 0 {
-                bridge.forwarded_to_socketio(m.route, received);
+            let n = deliver_to(bridge, io, Audience::Room, name, &p.topic, &env);
+            if n > 0 {
+                bridge.forwarded_to_socketio(m.route, received, n);
                 reply(ack, Ok(()));
             } else {
                 bridge.undeliverable(m.route, "NATS is down and no legacy consumer is connected");
@@ -527,11 +546,11 @@ async fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Messag
     let mut handed: Option<bool> = None;
     bridge.queued_to_legacy(&msg, route, |route, topic, env| {
         let name = &bridge.routes.get(route).name;
-        let ok = deliver_to(bridge, io, Audience::Room, name, topic, env) > 0;
-        if ok {
-            bridge.forwarded_to_socketio(route, received);
+        let n = deliver_to(bridge, io, Audience::Room, name, topic, env);
+        if n > 0 {
+            bridge.forwarded_to_socketio(route, received, n);
         }
-        handed = Some(ok);
+        handed = Some(n > 0);
     });
     if handed == Some(false) {
         requeue(bridge, route, msg).await;
@@ -597,48 +616,107 @@ pub async fn watch_no_responders(
 }
 
 /// Emits an envelope to every socket in the topic's room and in `/*`, once
-/// each. The envelope is encoded once and the same bytes are queued for every
-/// socket (a broadcast); a socket whose outgoing buffer is full misses the
-/// message, which is counted for the route and logged.
+/// each, and returns how many sockets it was queued for. The envelope is
+/// encoded once and the same bytes are queued for every socket (a
+/// broadcast). A socket whose outgoing buffer is full misses the message:
+/// counted for the route and for the client, and logged.
 ///
-/// A broadcast cannot tell which sockets were full, so once one overflows the
-/// bridge emits socket by socket for a while (`OVERFLOW_MODE_MS`), counting
-/// each miss for its client as well. Limitation: the misses of the one
-/// broadcast that revealed an overflow are counted for the route only.
-pub fn deliver(bridge: &Bridge, io: &SocketIo, route: &str, topic: &str, env: &EnvelopeOut<'_>) {
+/// After an overflow the bridge emits socket by socket for a while
+/// (`OVERFLOW_MODE_MS`), which names each client that misses a message as
+/// it happens; a broadcast only says how many did.
+pub fn deliver(
+    bridge: &Bridge,
+    io: &SocketIo,
+    route: &str,
+    topic: &str,
+    env: &EnvelopeOut<'_>,
+) -> usize {
     let rooms = [topic.to_string(), CATCH_ALL.to_string()];
-    if bridge.clients_overflowing() {
-        emit_each(bridge, io.within(rooms).sockets(), route, topic, env);
-        return;
+    let sockets = io.within(rooms.clone()).sockets();
+    if sockets.is_empty() {
+        return 0;
     }
-    let full = match io.within(rooms).emit("publish", env).now_or_never() {
-        Some(Ok(())) => 0,
-        Some(Err(BroadcastError::Socket(errors))) => errors
-            .iter()
-            .filter(|e| matches!(e, SocketError::InternalChannelFull))
-            .count(),
+    if bridge.clients_overflowing() {
+        return emit_each(bridge, sockets, route, topic, env);
+    }
+    let (full, closed) = match io.within(rooms).emit("publish", env).now_or_never() {
+        Some(Ok(())) => (0, 0),
+        Some(Err(BroadcastError::Socket(errors))) => {
+            let full = errors
+                .iter()
+                .filter(|e| matches!(e, SocketError::InternalChannelFull))
+                .count();
+            (full, errors.len() - full)
+        }
         Some(Err(e)) => {
             tracing::error!(%topic, "could not broadcast a message: {e}");
-            0
+            (0, sockets.len())
         }
         // The local adapter completes at once; another adapter would not.
         None => {
             tracing::error!(%topic, "the Socket.IO adapter did not complete a broadcast at once");
-            0
+            (0, sockets.len())
         }
     };
     if full > 0 {
         bridge.note_overflow(OVERFLOW_MODE_MS);
         telemetry::dropped(route, TO_SOCKETIO, "client_buffer_full", full as u64);
-        bridge.warn_limited(
-            "client_buffer_full",
-            format_args!(
-                "{full} clients are falling behind: a message on {topic} was dropped for them \
-                 (socketio.max_buffer_packets = {})",
-                bridge.config.socketio.max_buffer_packets
-            ),
-        );
+        name_full_clients(bridge, &sockets, topic, full);
     }
+    sockets.len().saturating_sub(full + closed)
+}
+
+/// Finds the `full` sockets a broadcast could not queue for and counts the
+/// miss for each client. The probe is an emit whose data cannot be
+/// serialised: socketioxide reserves a buffer slot first, failing at once
+/// when the buffer is full, and otherwise gives the slot back without
+/// sending anything. A client whose writer freed a slot in between is not
+/// found (its miss stays counted for the route): only possible for a client
+/// that is still reading, never for a stalled one.
+fn name_full_clients(bridge: &Bridge, sockets: &[SocketRef], topic: &str, full: usize) {
+    let mut found = 0;
+    for s in sockets {
+        if found == full {
+            break;
+        }
+        if let Err(SendError::Socket(SocketError::InternalChannelFull)) =
+            s.emit("publish", &Unsendable)
+        {
+            client_missed(bridge, s, topic);
+            found += 1;
+        }
+    }
+    if found < full {
+        tracing::debug!(%topic, missed = full, named = found, "some clients caught up before they were named");
+    }
+}
+
+/// Data that always fails to serialise, for `name_full_clients`.
+struct Unsendable;
+
+impl serde::Serialize for Unsendable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("a probe, never sent"))
+    }
+}
+
+/// Counts a message a client missed because its buffer was full, and warns.
+fn client_missed(bridge: &Bridge, s: &SocketRef, topic: &str) {
+    let total = {
+        let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients.get_mut(&s.id).map_or(0, |c| {
+            c.dropped += 1;
+            c.dropped
+        })
+    };
+    bridge.warn_limited(
+        "client_buffer_full",
+        format_args!(
+            "client {} is falling behind: a message on {topic} was dropped for it \
+             ({total} dropped so far; socketio.max_buffer_packets = {})",
+            s.id, bridge.config.socketio.max_buffer_packets
+        ),
+    );
 }
 
 /// The catch-all room: its members get every message.
@@ -685,22 +763,8 @@ fn emit_each(
         match s.emit("publish", env) {
             Ok(()) => delivered += 1,
             Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                let total = {
-                    let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
-                    clients.get_mut(&s.id).map_or(0, |c| {
-                        c.dropped += 1;
-                        c.dropped
-                    })
-                };
                 telemetry::dropped(route, TO_SOCKETIO, "client_buffer_full", 1);
-                bridge.warn_limited(
-                    "client_buffer_full",
-                    format_args!(
-                        "client {} is falling behind: a message on {topic} was dropped for it \
-                         ({total} dropped so far; socketio.max_buffer_packets = {})",
-                        s.id, bridge.config.socketio.max_buffer_packets
-                    ),
-                );
+                client_missed(bridge, &s, topic);
             }
             Err(SendError::Socket(SocketError::Closed)) => {}
             Err(e) => tracing::error!(id = %s.id, "could not encode a message: {e}"),
@@ -763,8 +827,8 @@ async fn deliver_from_nats(
         let received = Instant::now();
         bridge.nats_to_legacy(&msg, &serves, |route, topic, env| {
             let name = &bridge.routes.get(route).name;
-            deliver(&bridge, io, name, topic, env);
-            bridge.forwarded_to_socketio(route, received);
+            let n = deliver(&bridge, io, name, topic, env);
+            bridge.forwarded_to_socketio(route, received, n);
         });
     }
 }
@@ -782,11 +846,14 @@ pub async fn watch_idle_clients(bridge: Arc<Bridge>) {
         let mut idle = 0u32;
         let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
         for c in clients.values_mut() {
+            // A client that publishes without subscribing (trade-service) is
+            // doing its job; one that does neither is the deaf subscriber.
             if c.topics.is_empty()
+                && c.published.is_empty()
                 && now.saturating_sub(c.connected_at_ms) >= after.as_millis() as u64
             {
                 idle += 1;
-                if !c.warned_unsubscribed && c.published.is_empty() {
+                if !c.warned_unsubscribed {
                     c.warned_unsubscribed = true;
                     tracing::warn!(
                         id = %c.id,
