@@ -62,6 +62,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let mut stop = stop_rx.clone();
             let serving = bridge.clone();
             tokio::spawn(async move {
+                // Without TCP_NODELAY a small WebSocket frame waits for the
+                // peer's delayed ACK (up to 40 ms on Linux); the Node hub
+                // sets it too.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!("cannot set TCP_NODELAY on a client connection: {e}");
+                    }
+                });
                 let result = axum::serve(
                     listener,
                     app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -78,7 +78,6 @@ pub fn build(bridge: &Arc<Bridge>) -> (Router, SocketIo) {
                 let aliases = aliases.clone();
                 let primary = primary.clone();
                 async move {
-                    detach_from_read_buffer(&mut req);
                     rewrite_alias(&mut req, &aliases, &primary);
                     Ok::<_, Infallible>(req)
                 }
@@ -93,31 +92,6 @@ pub fn build(bridge: &Arc<Bridge>) -> (Router, SocketIo) {
 /// larger one grows the buffer as needed. 1 KiB instead of socketioxide's 4
 /// KiB saves 3 KiB per connected client (30 MB for 10,000 clients).
 const WS_READ_BUFFER_BYTES: usize = 1024;
-
-/// hyper hands over header values and the URI as slices of the connection's
-/// 8-16 KiB read buffer, and socketioxide keeps the request parts for the
-/// whole life of a socket, so every idle client kept that buffer alive.
-/// Copying the few bytes they hold lets the buffer go (measured: 16 KiB per
-/// WebSocket client).
-fn detach_from_read_buffer(req: &mut Request<axum::body::Body>) {
-    let headers = std::mem::take(req.headers_mut());
-    let mut copied = axum::http::HeaderMap::with_capacity(headers.len());
-    let mut name = None;
-    for (n, v) in headers {
-        if n.is_some() {
-            name = n;
-        }
-        let (Some(name), Ok(mut value)) = (&name, HeaderValue::from_bytes(v.as_bytes())) else {
-            continue;
-        };
-        value.set_sensitive(v.is_sensitive());
-        copied.append(name.clone(), value);
-    }
-    *req.headers_mut() = copied;
-    if let Ok(uri) = req.uri().to_string().parse() {
-        *req.uri_mut() = uri;
-    }
-}
 
 async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "not found\n").into_response()
