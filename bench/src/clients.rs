@@ -90,7 +90,7 @@ impl Seen {
         }
         bits[word] |= bit;
         let n = self.shared.delivered.fetch_add(1, Ordering::Relaxed);
-        if n % 64 == 0 {
+        if n.is_multiple_of(64) {
             self.shared.progress.notify_waiters();
         }
         self.shared.last_ns.fetch_max(now, Ordering::Relaxed);
