@@ -196,6 +196,7 @@ const ROUTE_SERIES: &[Series] = &[
         ..series(SUPPRESSED, TO_NATS, "consumed_on_trade_feed", ATTACH)
     },
     series(DROPPED, TO_SOCKETIO, "client_buffer_full", SERVER),
+    series(DROPPED, TO_SOCKETIO, "bridge_queue_full", SERVER),
     series(DROPPED, TO_SOCKETIO, "upstream_buffer_full", ATTACH),
     series(REJECTED, TO_SOCKETIO, "invalid_json", BOTH),
     series(SUPPRESSED, TO_SOCKETIO, "own_message", BOTH),
