@@ -96,29 +96,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tokio::spawn(server::watch_idle_clients(bridge.clone()));
         }
         Mode::Attach => {
-            let attach = crate::attach::Attach::new(bridge.clone());
-            if bridge.config.attach.lease {
-                crate::attach::keep_lease(attach.clone(), client.clone()).await?;
-            }
-            crate::attach::subscribe_nats(attach.clone(), client.clone()).await?;
-            if bridge.routes.queue_routes().next().is_some() {
-                server::watch_no_responders(bridge.clone(), client.clone()).await?;
-                let queued: Vec<usize> = bridge
-                    .routes
-                    .queue_routes()
-                    .filter(|r| r.direction.to_socketio())
-                    .map(|r| r.index)
-                    .collect();
-                for route in queued {
-                    tokio::spawn(crate::attach::run_queue_member(
-                        attach.clone(),
-                        client.clone(),
-                        route,
-                    ));
-                }
-            }
-            bridge.set_attach(attach.clone());
-            tokio::spawn(attach.run());
+            crate::attach::start(bridge.clone(), client.clone()).await?;
         }
     }
 
@@ -142,6 +120,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         io.close().await;
     }
     let deadline = Instant::now() + bridge.config.drain_timeout;
+    if let Some(attach) = bridge.attach() {
+        attach.shutdown(deadline).await;
+    }
     while bridge.pending_to_nats() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -93,6 +93,8 @@ pub struct Bridge {
     /// point-to-point members can follow their rooms.
     pub membership: tokio::sync::watch::Sender<u64>,
     attach: OnceLock<Arc<crate::attach::Attach>>,
+    /// Woken when the NATS connection is (re-)established.
+    pub nats_up: tokio::sync::Notify,
 }
 
 impl Bridge {
@@ -136,6 +138,7 @@ impl Bridge {
             last_legacy_activity_ms: AtomicU64::new(0),
             membership: tokio::sync::watch::channel(0).0,
             attach: OnceLock::new(),
+            nats_up: tokio::sync::Notify::new(),
         })
     }
 
@@ -324,6 +327,9 @@ impl Bridge {
         use async_nats::connection::State;
         while let Some(out) = rx.recv().await {
             let route = self.routes.get(out.route);
+            if self.hold_while_nats_down() {
+                self.wait_for_nats(&client).await;
+            }
             if client.connection_state() != State::Connected {
                 telemetry::dropped(&route.name, TO_NATS, "nats_unavailable", 1);
                 self.warn_limited(
@@ -390,6 +396,31 @@ impl Bridge {
         }
     }
 
+    /// Attach mode has no client waiting for an ack: a legacy message that
+    /// arrives while NATS is down waits in the publish queue (in order,
+    /// bounded by `nats.publish_queue`, newest dropped and counted when
+    /// full) instead of being dropped. Server mode answers acks at once.
+    fn hold_while_nats_down(&self) -> bool {
+        self.config.mode == crate::config::Mode::Attach
+    }
+
+    /// Waits until the NATS connection is up (re-checked every 250 ms in
+    /// case a wake-up was missed).
+    async fn wait_for_nats(&self, client: &async_nats::Client) {
+        use async_nats::connection::State;
+        let mut told = false;
+        while client.connection_state() != State::Connected {
+            if !told {
+                tracing::info!(
+                    waiting = self.pending_to_nats(),
+                    "NATS is not connected: legacy messages wait for it"
+                );
+                told = true;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(250), self.nats_up.notified()).await;
+        }
+    }
+
     // ---------------------------------------------------------------- NATS -> legacy
 
     /// Turns a NATS message into a legacy envelope for `deliver`. Returns
@@ -411,13 +442,8 @@ impl Bridge {
         self.convert_nats(msg, &[route], true, deliver)
     }
 
-    fn convert_nats<F>(
-        &self,
-        msg: &async_nats::Message,
-        serves: &[usize],
-        own_ok: bool,
-        deliver: F,
-    ) where
+    fn convert_nats<F>(&self, msg: &async_nats::Message, serves: &[usize], own_ok: bool, deliver: F)
+    where
         F: FnOnce(usize, &str, &EnvelopeOut<'_>),
     {
         let Some(mapped) = self.routes.to_topic(msg.subject.as_str()) else {

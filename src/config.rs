@@ -112,6 +112,31 @@ pub struct AttachConfig {
     /// operator says it; routes not listed count as having legacy consumers.
     /// Changed at run time with `PUT /api/attach/legacy-consumers/<route>`.
     pub legacy_consumers: std::collections::BTreeMap<String, bool>,
+    /// How the bridge talks to trade-feed.
+    pub transport: AttachTransport,
+    /// After a reconnect, how long buffered NATS -> legacy messages wait
+    /// before they are sent, so that legacy clients (which reconnect on
+    /// their own schedule) are back in their rooms.
+    #[serde(with = "humantime_serde")]
+    pub replay_wait: Duration,
+    /// Largest `publish` the bridge sends to trade-feed (its
+    /// `maxHttpBufferSize`, 1e6 bytes by default): a larger one would make
+    /// trade-feed close the connection, so it is refused and counted.
+    pub max_payload_bytes: usize,
+}
+
+/// The Engine.IO transport attach mode uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachTransport {
+    /// WebSocket when trade-feed offers it (after an HTTP handshake), else
+    /// HTTP long-polling.
+    #[default]
+    Any,
+    /// WebSocket only.
+    Websocket,
+    /// HTTP long-polling only (for proxies that do not pass WebSocket).
+    Polling,
 }
 
 impl Default for AttachConfig {
@@ -129,6 +154,9 @@ impl Default for AttachConfig {
             lease_bucket: "tradefeed_bridge".into(),
             lease_ttl: Duration::from_secs(6),
             legacy_consumers: Default::default(),
+            transport: AttachTransport::Any,
+            replay_wait: Duration::from_secs(5),
+            max_payload_bytes: 1_000_000,
         }
     }
 }
@@ -537,6 +565,38 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         }
         if c.attach.lease_ttl < Duration::from_secs(1) {
             p.push(problem("attach.lease_ttl", "must be at least 1s"));
+        }
+        if c.attach.buffer_messages == 0 {
+            p.push(problem("attach.buffer_messages", "must be at least 1"));
+        }
+        if c.attach.max_payload_bytes < 1024 {
+            p.push(problem("attach.max_payload_bytes", "must be at least 1024"));
+        }
+        // A standby forgets what it shadows after echo_window; it must
+        // outlive a takeover (lease_ttl + lease_ttl/3) with room to spare.
+        if c.attach.lease && c.attach.echo_window < c.attach.lease_ttl * 2 {
+            p.push(problem(
+                "attach.echo_window",
+                "must be at least twice attach.lease_ttl",
+            ));
+        }
+        if c.attach.replay_wait > c.attach.echo_window {
+            p.push(problem(
+                "attach.replay_wait",
+                "must not exceed attach.echo_window",
+            ));
+        }
+        for name in c.attach.legacy_consumers.keys() {
+            let queue_route = c
+                .routes
+                .iter()
+                .any(|r| &r.name == name && r.delivery == crate::route::Delivery::Queue);
+            if !queue_route {
+                p.push(problem(
+                    format!("attach.legacy_consumers.{name}"),
+                    "names no point-to-point route (delivery = \"queue\")",
+                ));
+            }
         }
     }
 
