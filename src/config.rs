@@ -580,12 +580,6 @@ pub fn validate(c: &Config) -> Vec<Problem> {
                 "must be at least twice attach.lease_ttl",
             ));
         }
-        if c.attach.replay_wait > c.attach.echo_window {
-            p.push(problem(
-                "attach.replay_wait",
-                "must not exceed attach.echo_window",
-            ));
-        }
         for name in c.attach.legacy_consumers.keys() {
             let queue_route = c
                 .routes
@@ -720,6 +714,39 @@ type = "TradeOrder"
         assert!(!dbg.contains("hunter2"));
         assert!(!c.summary().contains("hunter2"));
         assert_eq!(c.nats.token.unwrap().expose(), "hunter2");
+    }
+
+    #[test]
+    fn attach_settings_are_checked() {
+        let err = load_str(&format!(
+            "mode = \"attach\"\n[attach]\nurl = \"trade-feed:18086\"\nbuffer_messages = 0\n\
+             lease_ttl = \"10s\"\necho_window = \"15s\"\ntransport = \"carrier-pigeon\"\n{ROUTE}"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"attach.transport"), "{err}");
+        let err = load_str(&format!(
+            "mode = \"attach\"\n[attach]\nurl = \"trade-feed:18086\"\nbuffer_messages = 0\n\
+             lease_ttl = \"10s\"\necho_window = \"15s\"\n\
+             legacy_consumers = {{ orders = false, nope = true }}\n{ROUTE}"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "attach.url",
+            "attach.buffer_messages",
+            "attach.echo_window",
+            "attach.legacy_consumers.orders",
+            "attach.legacy_consumers.nope",
+        ] {
+            assert!(keys.contains(&key), "{key}: {err}");
+        }
+        let ok = load_str(&format!(
+            "mode = \"attach\"\n[attach]\nurl = \"http://trade-feed:18086\"\n\
+             transport = \"polling\"\n{ROUTE}"
+        ))
+        .unwrap();
+        assert_eq!(ok.attach.transport, AttachTransport::Polling);
     }
 
     #[test]

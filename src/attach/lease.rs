@@ -47,22 +47,27 @@ struct Lease {
 /// Keeps (or waits for) the lease until shutdown, then gives it up.
 pub(super) async fn keep(attach: Arc<Attach>, client: async_nats::Client) {
     let mut stop = attach.stop.subscribe();
-    let lease = tokio::select! {
-        l = open(&attach, client) => l,
-        _ = stop.wait_for(|s| *s) => None,
-    };
-    if let Some(lease) = lease {
-        hold(&attach, &lease, &mut stop).await;
+    loop {
+        let lease = tokio::select! {
+            l = open(&attach, &client) => l,
+            _ = stop.wait_for(|s| *s) => None,
+        };
+        let Some(lease) = lease else { break };
+        if hold(&attach, &lease, &mut stop, &client).await == Ended::Stopped {
+            break;
+        }
+        tracing::warn!("the attach lease bucket stopped answering; opening it again");
     }
     attach.lease_done.notify_one();
 }
 
 /// Opens (or creates) the bucket, retrying until it works.
-async fn open(attach: &Attach, client: async_nats::Client) -> Option<Lease> {
+async fn open(attach: &Attach, client: &async_nats::Client) -> Option<Lease> {
     let cfg = &attach.bridge.config.attach;
-    let js = async_nats::jetstream::new(client);
+    let js = async_nats::jetstream::new(client.clone());
     let mut attempt = 0usize;
     let kv = loop {
+        wait_for_nats(attach, client).await;
         match get_or_create(&js, &cfg.lease_bucket, cfg.lease_ttl).await {
             Ok(kv) => break kv,
             Err(e) => {
@@ -102,6 +107,17 @@ async fn open(attach: &Attach, client: async_nats::Client) -> Option<Lease> {
         me: Bytes::from(attach.bridge.instance_id.clone()),
         ttl,
     })
+}
+
+fn nats_connected(client: &async_nats::Client) -> bool {
+    client.connection_state() == async_nats::connection::State::Connected
+}
+
+async fn wait_for_nats(attach: &Attach, client: &async_nats::Client) {
+    while !nats_connected(client) {
+        let _ = tokio::time::timeout(Duration::from_millis(250), attach.bridge.nats_up.notified())
+            .await;
+    }
 }
 
 async fn get_or_create(
@@ -146,27 +162,59 @@ struct Held {
     safe_until: Instant,
 }
 
-async fn hold(attach: &Attach, lease: &Lease, stop: &mut tokio::sync::watch::Receiver<bool>) {
+/// Why [`hold`] returned.
+#[derive(PartialEq, Eq)]
+enum Ended {
+    Stopped,
+    /// The bucket keeps failing while NATS is up (deleted, or JetStream
+    /// restarted without it): open it again.
+    Reopen,
+}
+
+/// Failed attempts in a row, with NATS up, before the bucket is reopened.
+const REOPEN_AFTER_FAILURES: u32 = 3;
+
+async fn hold(
+    attach: &Attach,
+    lease: &Lease,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    client: &async_nats::Client,
+) -> Ended {
     let period = lease.ttl / 3;
     let margin = (lease.ttl / MARGIN_DIVISOR).max(Duration::from_millis(100));
     let mut held: Option<Held> = None;
     let mut holder_told = String::new();
-    loop {
+    let mut failures = 0u32;
+    let ended = loop {
         let started = Instant::now();
         let safe_until = started + lease.ttl.saturating_sub(margin);
         held = match held {
             Some(h) => renew(attach, lease, h, safe_until, period).await,
-            None => acquire(attach, lease, safe_until, period, &mut holder_told).await,
+            None => match acquire(attach, lease, safe_until, period, &mut holder_told).await {
+                Acquired::Held(h) => Some(h),
+                Acquired::Waiting => None,
+                Acquired::Failed => {
+                    failures += u32::from(nats_connected(client));
+                    None
+                }
+            },
         };
+        if held.is_some() || !holder_told.is_empty() {
+            failures = 0;
+        }
+        if failures >= REOPEN_AFTER_FAILURES {
+            break Ended::Reopen;
+        }
         let rest = period.saturating_sub(started.elapsed());
         tokio::select! {
             _ = tokio::time::sleep(rest) => {}
-            _ = stop.wait_for(|s| *s) => break,
+            _ = stop.wait_for(|s| *s) => break Ended::Stopped,
         }
-    }
+    };
     if let Some(h) = held {
         release(lease, h).await;
     }
+    ended
 }
 
 async fn renew(
@@ -208,36 +256,50 @@ async fn renew(
     }
 }
 
+/// What an attempt to take the lease gave.
+enum Acquired {
+    Held(Held),
+    /// Another bridge holds it, or it could not be told.
+    Waiting,
+    /// The bucket refused the request.
+    Failed,
+}
+
 async fn acquire(
     attach: &Attach,
     lease: &Lease,
     safe_until: Instant,
     period: Duration,
     holder_told: &mut String,
-) -> Option<Held> {
+) -> Acquired {
     let created = tokio::time::timeout(period, lease.kv.create(&lease.key, lease.me.clone())).await;
     let revision = match created {
         Ok(Ok(revision)) => revision,
         Ok(Err(e)) if e.kind() == CreateErrorKind::AlreadyExists => {
-            reclaim_or_wait(attach, lease, period, holder_told).await?
+            match reclaim_or_wait(attach, lease, period, holder_told).await {
+                Some(revision) => revision,
+                None => return Acquired::Waiting,
+            }
         }
         Ok(Err(e)) => {
             attach.set_peer_active(false);
+            holder_told.clear();
             attach.bridge.warn_limited(
                 "lease_acquire",
                 format_args!("cannot take the attach lease: {e}"),
             );
-            return None;
+            return Acquired::Failed;
         }
         Err(_) => {
             attach.set_peer_active(false);
-            return None;
+            holder_told.clear();
+            return Acquired::Waiting;
         }
     };
     holder_told.clear();
     attach.set_peer_active(false);
     attach.set_role(Role::Active, "holding the attach lease");
-    Some(Held {
+    Acquired::Held(Held {
         revision,
         safe_until,
     })

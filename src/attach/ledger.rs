@@ -64,7 +64,7 @@ fn write_number(f: Option<f64>, out: &mut String) {
     match f {
         // JSON.stringify writes NaN and the infinities as null, and -0 as 0.
         Some(f) if !f.is_finite() => out.push_str("null"),
-        Some(f) if f == 0.0 => out.push('0'),
+        Some(0.0) => out.push('0'),
         // The shortest text that reads back as the same double.
         Some(f) => {
             let _ = write!(out, "{f:e}");

@@ -478,9 +478,8 @@ impl Attach {
     /// On shutdown: sends what waits for trade-feed (until `deadline`),
     /// gives the lease up so a standby takes over at once, and disconnects.
     pub async fn shutdown(&self, deadline: Instant) {
-        let _ = self.stop.send(true);
         let done = |st: &State| st.outbox.is_empty() && st.in_flight.is_empty();
-        while !done(&self.state()) && self.attached.load(Ordering::Relaxed) {
+        while !done(&self.state()) && self.attached.load(Ordering::Relaxed) && self.is_active() {
             if Instant::now() >= deadline {
                 break;
             }
@@ -496,8 +495,8 @@ impl Attach {
                 "shutting down: messages for trade-feed were not delivered"
             );
         }
-        self.work.notify_one();
-        let wait = tokio::time::Duration::from_secs(3);
+        let _ = self.stop.send(true);
+        let wait = std::time::Duration::from_secs(3);
         let _ = tokio::time::timeout(wait, self.lease_done.notified()).await;
         let _ = tokio::time::timeout(wait, self.upstream_done.notified()).await;
     }

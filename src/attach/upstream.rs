@@ -322,11 +322,13 @@ impl Attach {
     /// until the connection dies. Returns why it ended.
     async fn serve(self: &Arc<Self>, client: &SioClient, conn: &Arc<Conn>) -> String {
         let writer = tokio::spawn(self.clone().write(client.clone(), conn.clone()));
+        let mut stop = self.stop.subscribe();
         let mut tick = tokio::time::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let why = loop {
             tokio::select! {
                 _ = conn.dead.notify.notified() => break conn.dead.reason(),
+                _ = stopped(&mut stop) => break "shutting down".to_string(),
                 _ = tick.tick() => {
                     if let Err(e) = self.beat(client).await {
                         break e;
@@ -462,7 +464,7 @@ impl Attach {
         if st.peers.iter().any(|p| p == from) {
             return self.peer_delivery(st, &key, legacy_key, topic, now);
         }
-        if st.in_flight.len() > 0 {
+        if !st.in_flight.is_empty() {
             if let Some(p) = st.in_flight.sight(&key, now, false) {
                 // Ours, under a sender id not learned (yet).
                 drop(st);
@@ -625,6 +627,10 @@ impl Attach {
         tracing::info!(peer = %instance, %sid, "another bridge is attached to this trade-feed");
         self.announce.notify_one();
     }
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 async fn emit(client: &SioClient, event: &str, payload: Payload) -> Result<(), String> {
