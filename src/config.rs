@@ -625,11 +625,19 @@ impl Config {
         } else {
             "none"
         };
+        let side = match self.mode {
+            Mode::Server => format!(
+                "socketio={} paths={:?}",
+                self.socketio.listen, self.socketio.paths
+            ),
+            Mode::Attach => format!(
+                "trade-feed={}{} lease={}",
+                self.attach.url, self.attach.path, self.attach.lease
+            ),
+        };
         format!(
-            "mode={:?} socketio={} paths={:?} admin={} nats={:?} auth={} tls={} routes={}",
+            "mode={:?} {side} admin={} nats={:?} auth={} tls={} routes={}",
             self.mode,
-            self.socketio.listen,
-            self.socketio.paths,
             self.admin.listen,
             self.nats.servers,
             auth,

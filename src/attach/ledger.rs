@@ -76,15 +76,7 @@ fn write_number(f: Option<f64>, out: &mut String) {
 /// Key of a NATS -> legacy message: what trade-feed keeps of a publish
 /// (`from` and `date` are rewritten by trade-feed).
 pub fn emitted_key(topic: &str, kind: &Value, payload: Option<&Value>) -> String {
-    let mut k = String::with_capacity(64);
-    k.push_str(topic);
-    k.push('\u{0}');
-    write_canonical(kind, &mut k);
-    k.push('\u{0}');
-    if let Some(p) = payload {
-        write_canonical(p, &mut k);
-    }
-    k
+    digest(&emitted_text(topic, kind, payload))
 }
 
 /// Key of a legacy message as trade-feed broadcast it, sender and clock
@@ -96,12 +88,37 @@ pub fn legacy_key(
     kind: &Value,
     payload: Option<&Value>,
 ) -> String {
-    let mut k = emitted_key(topic, kind, payload);
+    let mut k = emitted_text(topic, kind, payload);
     k.push('\u{0}');
     write_canonical(from, &mut k);
     k.push('\u{0}');
     write_canonical(date, &mut k);
+    digest(&k)
+}
+
+fn emitted_text(topic: &str, kind: &Value, payload: Option<&Value>) -> String {
+    let mut k = String::with_capacity(64);
+    k.push_str(topic);
+    k.push('\u{0}');
+    write_canonical(kind, &mut k);
+    k.push('\u{0}');
+    if let Some(p) = payload {
+        write_canonical(p, &mut k);
+    }
     k
+}
+
+/// 128 bits of the canonical text: keys are held for thousands of messages
+/// of up to a megabyte each, so the text itself is not kept. At the bounds
+/// used (tens of thousands of keys) a collision is beyond practical odds.
+fn digest(text: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut a = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut a);
+    let mut b = std::collections::hash_map::DefaultHasher::new();
+    0x5eed_u32.hash(&mut b);
+    text.hash(&mut b);
+    format!("{:016x}{:016x}", a.finish(), b.finish())
 }
 
 /// An item held until its key is seen, with when it was held.
