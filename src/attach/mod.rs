@@ -478,6 +478,9 @@ impl Attach {
     /// On shutdown: sends what waits for trade-feed (until `deadline`),
     /// gives the lease up so a standby takes over at once, and disconnects.
     pub async fn shutdown(&self, deadline: Instant) {
+        // no more waiting for legacy clients to come back: send now
+        self.state().replay_at = None;
+        self.work.notify_one();
         let done = |st: &State| st.outbox.is_empty() && st.in_flight.is_empty();
         while !done(&self.state()) && self.attached.load(Ordering::Relaxed) && self.is_active() {
             if Instant::now() >= deadline {
