@@ -179,7 +179,7 @@ fn order(id: &str) -> Value {
     json!({"id": id, "accountId": 22214, "security": "MSFT", "quantity": 100, "side": "Buy"})
 }
 
-/// The socket id trade-feed gave the bridge: the `from` of what it emits.
+/// Waits for trade-feed's "New Joiner" notice for client `id` on `topic`.
 fn waits_joined(agent: &Agent, id: &str, topic: &str) {
     let want = format!("New Joiner {id} to topic {topic}");
     agent.expect(&want, RECONNECT, |e| {
@@ -494,7 +494,9 @@ fn trade_orders_reach_exactly_one_processor_in_attach_mode() {
         put_json(&bridge, "/api/attach/legacy-consumers/nope", "false"),
         404
     );
-    thread::sleep(Duration::from_millis(300)); // the bridge leaves the group
+    wait_until("the bridge left the queue group", WAIT, || {
+        bridge.log().contains("left the queue group")
+    });
     for i in 1..=3 {
         legacy_service.publish("/trades", "TradeOrder", order(&format!("L2-{i}")));
     }

@@ -1,6 +1,6 @@
 //! The connection to trade-feed: connecting (and retrying without end),
-//! subscribing, telling the bridge's own messages from legacy ones, sending
-//! NATS -> legacy messages in order, and noticing when the connection dies.
+//! subscribing, sending NATS -> legacy messages in order, and noticing when
+//! the connection dies.
 //!
 //! rust_socketio's own reconnect is off: it does not retry a failed first
 //! connect, and it cannot re-subscribe. A dead connection is not always
@@ -15,20 +15,18 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use rust_socketio::asynchronous::{Client as SioClient, ClientBuilder};
 use rust_socketio::{Payload, TransportType};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::{watch, Notify};
 
-use super::ledger::{self, Hold};
-use super::{Attach, Role, State};
+use super::{Attach, Role};
 use crate::config::AttachTransport;
-use crate::envelope::{self, Field};
 use crate::nats::backoff;
 use crate::telemetry::{self, TO_NATS};
 
 /// Topics under this prefix are the bridges' own presence topics: each
 /// bridge subscribes to `<prefix><instance>/<generation>`, and trade-feed's
 /// "New Joiner" notice on it names the bridge's socket id to every bridge.
-const PROBE_PREFIX: &str = "/tradefeed-bridge/";
+pub(super) const PROBE_PREFIX: &str = "/tradefeed-bridge/";
 /// Event trade-feed has no handler for: emitting it checks the connection.
 const HEARTBEAT_EVENT: &str = "tradefeed-bridge-heartbeat";
 /// Heartbeat period. Each is a few bytes; a dead connection shows within
@@ -40,8 +38,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// One emit; longer means the connection is stuck.
 const EMIT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Socket ids of peer bridges remembered (they change on each reconnect).
-const MAX_PEERS: usize = 64;
 
 /// Why a connection ended, signalled once by whoever noticed first.
 #[derive(Default)]
@@ -66,11 +62,11 @@ impl Dead {
 }
 
 /// What the callbacks of one connection share.
-struct Conn {
-    generation: u64,
+pub(super) struct Conn {
+    pub(super) generation: u64,
     dead: Dead,
     /// Set when trade-feed's notice on our presence topic names our id.
-    own_id: watch::Sender<Option<String>>,
+    pub(super) own_id: watch::Sender<Option<String>>,
 }
 
 /// Keeps a connection to trade-feed until shutdown, retrying with capped,
@@ -427,205 +423,6 @@ impl Attach {
             let name = &self.bridge.routes.get(out.route).name;
             telemetry::suppressed(name, TO_NATS, "left_to_active");
         }
-    }
-
-    /// A `publish` event from trade-feed.
-    fn on_upstream(&self, conn: &Conn, payload: Payload) {
-        if conn.generation != self.generation.load(Ordering::Relaxed) {
-            return;
-        }
-        let Payload::Text(values) = payload else {
-            telemetry::rejected("", TO_NATS, "binary_payload");
-            return;
-        };
-        let Some(env) = values.into_iter().next() else {
-            return;
-        };
-        let topic = env.get("topic").and_then(Value::as_str).unwrap_or_default();
-        let from = env.get("from").and_then(Value::as_str).unwrap_or_default();
-        if from == "System" {
-            if let Some(rest) = topic.strip_prefix(PROBE_PREFIX) {
-                self.on_presence(conn, rest, &env);
-            }
-            return;
-        }
-        if topic.starts_with(PROBE_PREFIX) {
-            return;
-        }
-        let kind = env.get("type").cloned().unwrap_or_else(|| json!("message"));
-        let payload = env.get("payload");
-        let key = ledger::emitted_key(topic, &kind, payload);
-        let legacy_key = ledger::legacy_key(topic, &env["from"], &env["date"], &kind, payload);
-        let now = Instant::now();
-        let mut st = self.state();
-        if st.own_id.as_deref() == Some(from) {
-            return self.own_echo(st, &key, legacy_key, topic, now);
-        }
-        if st.peers.iter().any(|p| p == from) {
-            return self.peer_delivery(st, &key, legacy_key, topic, now);
-        }
-        if !st.in_flight.is_empty() {
-            if let Some(p) = st.in_flight.sight(&key, now, false) {
-                // Ours, under a sender id not learned (yet).
-                drop(st);
-                self.bridge.forwarded_to_socketio(p.route, p.received);
-                let name = self.bridge.routes.get(p.route).name.clone();
-                return telemetry::suppressed(&name, TO_NATS, "own_echo");
-            }
-        }
-        if st.shadow.sight(&key, now, false).is_some() {
-            // A peer bridge (not yet known by id) delivered what we shadow.
-            return self.peer_delivery(st, &key, legacy_key, topic, now);
-        }
-        drop(st);
-        self.on_legacy(topic, &env, kind, legacy_key, now);
-    }
-
-    /// trade-feed sent back one of this bridge's own publishes.
-    fn own_echo(
-        &self,
-        mut st: std::sync::MutexGuard<'_, State>,
-        key: &str,
-        legacy_key: String,
-        topic: &str,
-        now: Instant,
-    ) {
-        let echoed = st.in_flight.sight(key, now, false);
-        // Shadowed after a role change, then echoed: nothing left to do.
-        st.shadow.sight(key, now, false);
-        if st.role == Role::Active {
-            st.legacy.hold(legacy_key, None, now);
-        }
-        drop(st);
-        self.work.notify_one();
-        let route = self.route_name(topic);
-        match echoed {
-            Some(p) => {
-                self.bridge.forwarded_to_socketio(p.route, p.received);
-                telemetry::suppressed(&route, TO_NATS, "own_echo");
-            }
-            None => telemetry::suppressed(&route, TO_NATS, "own_echo_id"),
-        }
-    }
-
-    /// Another bridge delivered a NATS message on trade-feed.
-    fn peer_delivery(
-        &self,
-        mut st: std::sync::MutexGuard<'_, State>,
-        key: &str,
-        legacy_key: String,
-        topic: &str,
-        now: Instant,
-    ) {
-        let standby = st.role == Role::Standby;
-        st.shadow.sight(key, now, standby);
-        if !standby {
-            st.legacy.hold(legacy_key, None, now);
-        }
-        drop(st);
-        telemetry::suppressed(&self.route_name(topic), TO_NATS, "peer_delivery");
-    }
-
-    fn route_name(&self, topic: &str) -> String {
-        self.bridge
-            .routes
-            .route_for_topic(topic)
-            .map_or_else(String::new, |r| r.name.clone())
-    }
-
-    /// A legacy client's message: mirrored (active), or shadowed until the
-    /// active bridge's mirror shows up (standby).
-    fn on_legacy(&self, topic: &str, env: &Value, kind: Value, legacy_key: String, now: Instant) {
-        self.bridge.metrics.legacy_publishes.increment(1);
-        let Some(mapped) = self.bridge.routes.to_subject(topic) else {
-            self.bridge.metrics.unrouted.increment(1);
-            tracing::debug!(%topic, "trade-feed message on a topic with no route");
-            return;
-        };
-        let route = self.bridge.routes.get(mapped.route).name.clone();
-        if self.consumed_on_trade_feed(mapped.route) {
-            return telemetry::suppressed(&route, TO_NATS, "consumed_on_trade_feed");
-        }
-        let raw = |v: &Value| serde_json::value::to_raw_value(v).expect("a value serializes");
-        let kind_raw = raw(&kind);
-        let from_raw = raw(&env["from"]);
-        let from = match env["from"].as_str() {
-            Some(s) => Field::Str(s),
-            None => Field::Raw(&from_raw),
-        };
-        let date_raw = env.get("date").map(raw);
-        let date = date_raw
-            .as_deref()
-            .map_or(Field::Num(envelope::now_ms()), Field::Raw);
-        let payload_raw = env.get("payload").map(raw);
-        let Ok(mut out) = self.bridge.prepare(
-            &mapped,
-            topic,
-            &kind_raw,
-            from,
-            date,
-            payload_raw.as_deref(),
-            now,
-        ) else {
-            return;
-        };
-        if self.bridge.routes.get(mapped.route).delivery == crate::route::Delivery::Queue {
-            out.reply = Some(format!(
-                "{}.{}",
-                self.bridge.no_responders_prefix(),
-                mapped.route
-            ));
-        }
-        let mut st = self.state();
-        match st.role {
-            Role::Active => {
-                st.legacy.hold(legacy_key, None, now);
-                drop(st);
-                self.bridge.enqueue(out);
-            }
-            Role::Standby => match st.legacy.hold(legacy_key, Some(out), now) {
-                Hold::Held => {}
-                Hold::Seen(_) => telemetry::suppressed(&route, TO_NATS, "peer_mirrored"),
-                Hold::Evicted(Some(old)) => self.standby_overflow(old.route, TO_NATS),
-                Hold::Evicted(None) => {}
-            },
-        }
-    }
-
-    /// A "New Joiner" notice on a presence topic: this connection's socket
-    /// id, or a peer bridge's, which is then greeted so it learns ours.
-    fn on_presence(&self, conn: &Conn, rest: &str, env: &Value) {
-        let Some((instance, generation)) = rest.rsplit_once('/') else {
-            return;
-        };
-        let msg = env["payload"]["message"].as_str().unwrap_or_default();
-        let Some(sid) = msg
-            .strip_prefix("New Joiner ")
-            .and_then(|r| r.split(' ').next())
-        else {
-            return;
-        };
-        if instance == self.bridge.instance_id {
-            if generation == conn.generation.to_string() {
-                let mut st = self.state();
-                st.own_id = Some(sid.to_string());
-                drop(st);
-                let _ = conn.own_id.send(Some(sid.to_string()));
-                tracing::debug!(%sid, "trade-feed socket id");
-            }
-            return;
-        }
-        let mut st = self.state();
-        if st.peers.iter().any(|p| p == sid) {
-            return;
-        }
-        st.peers.push_back(sid.to_string());
-        if st.peers.len() > MAX_PEERS {
-            st.peers.pop_front();
-        }
-        drop(st);
-        tracing::info!(peer = %instance, %sid, "another bridge is attached to this trade-feed");
-        self.announce.notify_one();
     }
 }
 
