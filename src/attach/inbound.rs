@@ -59,7 +59,7 @@ impl Attach {
             if let Some(p) = st.in_flight.sight(&key, now, false) {
                 // Ours, under a sender id not learned (yet).
                 drop(st);
-                self.bridge.forwarded_to_socketio(p.route, p.received);
+                self.bridge.forwarded_to_socketio(p.route, p.received, 0);
                 let name = self.bridge.routes.get(p.route).name.clone();
                 return telemetry::suppressed(&name, TO_NATS, "own_echo");
             }
@@ -92,7 +92,7 @@ impl Attach {
         let route = self.route_name(topic);
         match echoed {
             Some(p) => {
-                self.bridge.forwarded_to_socketio(p.route, p.received);
+                self.bridge.forwarded_to_socketio(p.route, p.received, 0);
                 telemetry::suppressed(&route, TO_NATS, "own_echo");
             }
             None => telemetry::suppressed(&route, TO_NATS, "own_echo_id"),
@@ -114,7 +114,7 @@ impl Attach {
             st.legacy.hold(legacy_key, None, now);
         }
         drop(st);
-        telemetry::suppressed(&self.route_name(topic), TO_NATS, "peer_delivery");
+        telemetry::suppressed(&self.route_name(topic), TO_NATS, "from_bridge");
     }
 
     fn route_name(&self, topic: &str) -> String {

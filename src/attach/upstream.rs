@@ -405,7 +405,7 @@ impl Attach {
         for p in &unechoed {
             // Sent, never echoed: taken as delivered (trade-feed echoes to
             // every subscriber, the bridge included, so this is unusual).
-            self.bridge.forwarded_to_socketio(p.route, p.received);
+            self.bridge.forwarded_to_socketio(p.route, p.received, 0);
             self.bridge.warn_limited(
                 "no_echo",
                 format_args!(
