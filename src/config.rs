@@ -368,6 +368,61 @@ fn figment_problems(e: figment::Error) -> Vec<Problem> {
         .collect()
 }
 
+/// Why `seed` is not a user NKey seed; the message never contains the seed.
+fn nkey_seed_problem(seed: &str) -> Option<String> {
+    match nkeys::KeyPair::from_seed(seed.trim()) {
+        Ok(kp) if matches!(kp.key_pair_type(), nkeys::KeyPairType::User) => None,
+        Ok(_) => Some("is an NKey seed, but not a user seed (a user seed starts with SU)".into()),
+        Err(e) => Some(format!(
+            "is not a valid user NKey seed ({}; a user seed is 58 characters and starts with SU)",
+            e.kind()
+        )),
+    }
+}
+
+/// Reads a credentials file the way the NATS client will (user JWT and seed);
+/// the message never contains the file's content.
+fn credentials_problem(path: &Path) -> Option<String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => return Some(format!("cannot be read: {e}")),
+    };
+    match async_nats::ConnectOptions::with_credentials(&text) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData && e.to_string().contains("JWT") => {
+            Some("is not a NATS credentials file: no user JWT block found".into())
+        }
+        Err(e) if e.to_string().contains("nkey") => {
+            Some("is not a NATS credentials file: no user NKey seed block found".into())
+        }
+        Err(_) => Some("is not a NATS credentials file: its NKey seed is not valid".into()),
+    }
+}
+
+/// PEM certificates (a CA bundle or a client certificate chain).
+fn certificates_problem(path: &Path) -> Option<String> {
+    use async_nats::rustls::pki_types::{pem::PemObject, CertificateDer};
+    match CertificateDer::pem_file_iter(path) {
+        Err(e) => Some(format!("cannot be read as PEM: {e}")),
+        Ok(iter) => match iter.collect::<Result<Vec<_>, _>>() {
+            Err(e) => Some(format!("is not valid PEM: {e}")),
+            Ok(certs) if certs.is_empty() => {
+                Some("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into())
+            }
+            Ok(_) => None,
+        },
+    }
+}
+
+/// A PEM private key (PKCS#8, PKCS#1 or SEC1).
+fn key_problem(path: &Path) -> Option<String> {
+    use async_nats::rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+    match PrivateKeyDer::from_pem_file(path) {
+        Ok(_) => None,
+        Err(_) => Some("holds no PEM private key (-----BEGIN PRIVATE KEY-----)".into()),
+    }
+}
+
 /// Checks that need more than types: addresses, routes, TLS files, combinations.
 pub fn validate(c: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
@@ -481,12 +536,27 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if c.nats.user.is_some() != c.nats.password.is_some() {
         p.push(problem("nats.password", "user and password go together"));
     }
+    for (key, secret) in [
+        ("nats.token", &c.nats.token),
+        ("nats.password", &c.nats.password),
+        ("nats.nkey_seed", &c.nats.nkey_seed),
+        ("attach.auth_token", &c.attach.auth_token),
+    ] {
+        if secret
+            .as_ref()
+            .is_some_and(|s| s.expose().trim().is_empty())
+        {
+            p.push(problem(key, "is empty: remove the key instead"));
+        }
+    }
+    if c.nats.user.as_ref().is_some_and(|u| u.trim().is_empty()) {
+        p.push(problem("nats.user", "is empty: remove the key instead"));
+    }
     if let Some(seed) = &c.nats.nkey_seed {
-        if !seed.expose().starts_with("SU") {
-            p.push(problem(
-                "nats.nkey_seed",
-                "is not a user NKey seed (it should start with SU)",
-            ));
+        if !seed.expose().trim().is_empty() {
+            if let Some(why) = nkey_seed_problem(seed.expose()) {
+                p.push(problem("nats.nkey_seed", why));
+            }
         }
     }
     for (key, file) in [
@@ -495,10 +565,18 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         ("nats.tls_client_cert", &c.nats.tls_client_cert),
         ("nats.tls_client_key", &c.nats.tls_client_key),
     ] {
-        if let Some(f) = file {
-            if !f.is_file() {
-                p.push(problem(key, format!("file {} does not exist", f.display())));
-            }
+        let Some(f) = file else { continue };
+        if !f.is_file() {
+            p.push(problem(key, format!("file {} does not exist", f.display())));
+            continue;
+        }
+        let checked = match key {
+            "nats.credentials_file" => credentials_problem(f),
+            "nats.tls_client_key" => key_problem(f),
+            _ => certificates_problem(f),
+        };
+        if let Some(why) = checked {
+            p.push(problem(key, format!("file {}: {why}", f.display())));
         }
     }
     if c.nats.tls_client_cert.is_some() != c.nats.tls_client_key.is_some() {
@@ -560,17 +638,6 @@ pub fn validate(c: &Config) -> Vec<Problem> {
 impl Config {
     /// A one-line summary safe to log (no secrets).
     pub fn summary(&self) -> String {
-        let auth = if self.nats.credentials_file.is_some() {
-            "credentials file"
-        } else if self.nats.nkey_seed.is_some() {
-            "nkey"
-        } else if self.nats.token.is_some() {
-            "token"
-        } else if self.nats.user.is_some() {
-            "user/password"
-        } else {
-            "none"
-        };
         format!(
             "mode={:?} socketio={} paths={:?} admin={} nats={:?} auth={} tls={} routes={}",
             self.mode,
@@ -578,8 +645,8 @@ impl Config {
             self.socketio.paths,
             self.admin.listen,
             self.nats.servers,
-            auth,
-            self.nats.tls_required || self.nats.tls_ca_file.is_some(),
+            crate::nats::auth_method(&self.nats),
+            crate::nats::tls_wanted(&self.nats),
             self.routes.len()
         )
     }

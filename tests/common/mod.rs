@@ -208,6 +208,22 @@ pub fn bridge_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tradefeed-bridge"))
 }
 
+/// Runs the bridge binary to completion (e.g. `check-config`), with `env`
+/// added and `RUST_LOG` removed: (exit code, stdout, stderr).
+pub fn bridge_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(bridge_bin());
+    cmd.args(args).env_remove("RUST_LOG").stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("bridge binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub struct Bridge {
     pub port: u16,
     pub admin_port: u16,
