@@ -636,6 +636,36 @@ pub fn validate(c: &Config) -> Vec<Problem> {
 }
 
 impl Config {
+    /// Every secret the configuration holds, for the log redactor: the NATS
+    /// token, password and NKey seed, the seed in the credentials file, the
+    /// attach headers' values and the attach auth token.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out: Vec<String> = [
+            &self.nats.token,
+            &self.nats.password,
+            &self.nats.nkey_seed,
+            &self.attach.auth_token,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|s| s.expose().to_string())
+        .collect();
+        out.extend(self.attach.headers.values().map(|v| v.expose().to_string()));
+        if let Some(path) = &self.nats.credentials_file {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                // the user NKey seed block (the JWT is signed, not secret)
+                out.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| l.starts_with("SU") && l.len() > 50)
+                        .map(str::to_string),
+                );
+            }
+        }
+        out.retain(|s| !s.is_empty());
+        out
+    }
+
     /// A one-line summary safe to log (no secrets).
     pub fn summary(&self) -> String {
         format!(

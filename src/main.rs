@@ -58,7 +58,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tradefeed_bridge::telemetry::init_logging(&cfg.log);
+    tradefeed_bridge::telemetry::init_logging(&cfg.log, &cfg.secrets());
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -308,10 +308,10 @@ impl Bridge {
         };
         let mut cmd = Command::new(bridge_bin());
         cmd.arg("--config").arg(config);
+        cmd.env_remove("RUST_LOG"); // unless the test sets it
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.env_remove("RUST_LOG");
         let child = cmd
             .stdout(log.try_clone().unwrap())
             .stderr(log)
