@@ -237,10 +237,17 @@ impl Default for Config {
     }
 }
 
-/// A value that must never be printed: `Debug` and `Display` show `***`.
-#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
+/// A value that must never be printed: `Debug`, `Display` and `Serialize`
+/// all give `***`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
 
 impl Secret {
     pub fn expose(&self) -> &str {
@@ -320,29 +327,112 @@ pub fn load(path: &Path, file_required: bool) -> Result<Config, ConfigErrors> {
     from_figment(&fig)
 }
 
+/// Extracts and checks the configuration, reporting every problem at once.
+///
+/// Serde stops at the first type error, so extraction runs in rounds: each
+/// round's type error is reported and its key taken out (its default then
+/// applies; a broken route is set aside), until the rest extracts. Then the
+/// semantic checks run on what is left. Every problem names its key path and
+/// where the value came from (the file, or the exact environment variable).
 pub fn from_figment(fig: &Figment) -> Result<Config, ConfigErrors> {
+    use figment::value::Value;
     let mut problems = Vec::new();
-
-    // Unknown keys: walk the merged tree and note every key no field takes.
-    let tree: figment::value::Value = match fig.extract() {
+    let mut tree: Value = match fig.extract() {
         Ok(v) => v,
-        Err(e) => return Err(ConfigErrors(figment_problems(e))),
-    };
-    let mut unknown = Vec::new();
-    let walked: Result<Config, _> =
-        serde_ignored::deserialize(&tree, |path| unknown.push(path.to_string()));
-    for key in unknown {
-        problems.push(problem(key, "unknown key (check the spelling)"));
-    }
-
-    let config = match (walked, fig.extract::<Config>()) {
-        (_, Ok(c)) => c,
-        (_, Err(e)) => {
-            problems.extend(figment_problems(e));
-            return Err(ConfigErrors(problems));
+        Err(e) => {
+            let ps = e
+                .into_iter()
+                .map(|err| {
+                    problem(
+                        key_of(&err.path),
+                        format!("{}{}", err.kind, origin(fig, &err.path)),
+                    )
+                })
+                .collect();
+            return Err(ConfigErrors(ps));
         }
     };
-    problems.extend(validate(&config));
+    let mut reported_unknown = std::collections::BTreeSet::new();
+    // Route indexes set aside: problems under them are already reported.
+    let mut broken_routes: Vec<usize> = Vec::new();
+    let mut removed: Vec<Vec<String>> = Vec::new();
+    let mut config = None;
+    for _ in 0..MAX_ROUNDS {
+        let mut unknown = Vec::new();
+        let walked: Result<Config, figment::Error> =
+            serde_ignored::deserialize(&tree, |path| unknown.push(path.to_string()));
+        for raw in unknown {
+            let path: Vec<String> = raw.split('.').map(str::to_string).collect();
+            if reported_unknown.insert(raw) {
+                problems.push(problem(
+                    key_of(&path),
+                    format!("unknown key (check the spelling){}", origin(fig, &path)),
+                ));
+            }
+        }
+        let err = match walked {
+            Ok(c) => {
+                config = Some(c);
+                break;
+            }
+            Err(e) => e,
+        };
+        let mut progressed = false;
+        for err in err {
+            // A required key taken out in an earlier round is now missing:
+            // already reported.
+            let derived = removed
+                .iter()
+                .any(|r: &Vec<String>| r.len() > err.path.len() && r.starts_with(&err.path));
+            if !derived {
+                problems.push(problem(
+                    key_of(&err.path),
+                    format!("{}{}", err.kind, origin(fig, &err.path)),
+                ));
+            }
+            if let [first, index, ..] = err.path.as_slice() {
+                if let (true, Ok(i)) = (first == "routes", index.parse::<usize>()) {
+                    if !broken_routes.contains(&i) {
+                        broken_routes.push(i);
+                    }
+                }
+            }
+            if set_aside(&mut tree, &err.path) {
+                removed.push(err.path.clone());
+                progressed = true;
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+    let Some(config) = config else {
+        return Err(ConfigErrors(problems));
+    };
+    let set_aside_key = |key: &str| {
+        broken_routes
+            .iter()
+            .any(|i| key.starts_with(&format!("routes[{i}]")))
+    };
+    problems.extend(
+        validate(&config)
+            .into_iter()
+            .filter(|p| !set_aside_key(&p.key))
+            .map(|mut p| {
+                let path: Vec<String> = p
+                    .key
+                    .replace('[', ".")
+                    .replace(']', "")
+                    .split('.')
+                    .map(str::to_string)
+                    .collect();
+                let from = origin(fig, &path);
+                if from.contains("environment variable") {
+                    p.message.push_str(&from);
+                }
+                p
+            }),
+    );
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -350,22 +440,110 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigErrors> {
     }
 }
 
-fn figment_problems(e: figment::Error) -> Vec<Problem> {
-    e.into_iter()
-        .map(|err| {
-            let key = if err.path.is_empty() {
-                "(top level)".to_string()
-            } else {
-                err.path.join(".")
+/// Extraction rounds: one per type error, bounded.
+const MAX_ROUNDS: usize = 64;
+
+/// `routes[1].direction` from `["routes", "1", "direction"]`.
+fn key_of(path: &[String]) -> String {
+    let mut key = String::new();
+    for part in path {
+        if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            key.push_str(&format!("[{part}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(part);
+        }
+    }
+    if key.is_empty() {
+        "(top level)".into()
+    } else {
+        key
+    }
+}
+
+/// Where a key's value came from: ` (from environment variable X)` or
+/// ` (from TOML file F)`; empty when unknown (a default).
+fn origin(fig: &Figment, path: &[String]) -> String {
+    let var = format!("{ENV_PREFIX}{}", path.join("__").to_uppercase());
+    if !path.is_empty() && std::env::var_os(&var).is_some() {
+        return format!(" (from environment variable {var})");
+    }
+    // a key made of nested variables, e.g. X__PATHS__EXTRA for X__PATHS
+    let mut nested: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| !path.is_empty() && k.starts_with(&format!("{var}__")))
+        .collect();
+    if !nested.is_empty() {
+        nested.sort();
+        return format!(" (from environment variable {})", nested.join(", "));
+    }
+    // the closest enclosing key that has metadata (array elements have none)
+    for n in (1..=path.len()).rev() {
+        if let Some(m) = fig.find_metadata(&path[..n].join(".")) {
+            return match &m.source {
+                Some(figment::Source::File(f)) => format!(" (from {} {})", m.name, f.display()),
+                _ => format!(" (from {})", m.name),
             };
-            let origin = err
-                .metadata
-                .as_ref()
-                .map(|m| format!(" (from {})", m.name))
-                .unwrap_or_default();
-            problem(key, format!("{}{origin}", err.kind))
-        })
-        .collect()
+        }
+    }
+    String::new()
+}
+
+/// Takes the value at `path` out of `tree` so that extraction can go on:
+/// a key is removed (its default applies); a route element that cannot be
+/// read at all (a required key is missing) is replaced by a placeholder, so
+/// later routes keep their indexes. False when nothing could be taken out.
+fn set_aside(tree: &mut figment::value::Value, path: &[String]) -> bool {
+    use figment::value::Value;
+    if let [first, index] = path {
+        if let (true, Ok(i)) = (first == "routes", index.parse::<usize>()) {
+            let Value::Dict(_, top) = tree else {
+                return false;
+            };
+            let Some(Value::Array(_, items)) = top.get_mut("routes") else {
+                return false;
+            };
+            let Some(item) = items.get_mut(i) else {
+                return false;
+            };
+            let placeholder = serde_json::json!({
+                "name": format!("(route {i} set aside)"),
+                "topic": format!("/route-{i}-set-aside"),
+                "subject": format!("route-{i}-set-aside"),
+            });
+            let placeholder = Value::serialize(placeholder).expect("static value");
+            if *item == placeholder {
+                return false;
+            }
+            *item = placeholder;
+            return true;
+        }
+    }
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = tree;
+    for p in parents {
+        node = match node {
+            Value::Dict(_, d) => match d.get_mut(p) {
+                Some(n) => n,
+                None => return false,
+            },
+            Value::Array(_, items) => {
+                match p.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(n) => n,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        };
+    }
+    match node {
+        Value::Dict(_, d) => d.remove(last).is_some(),
+        _ => false,
+    }
 }
 
 /// Why `seed` is not a user NKey seed; the message never contains the seed.
@@ -666,6 +844,11 @@ impl Config {
         out
     }
 
+    /// The configuration as TOML, secrets shown as `***`.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
     /// A one-line summary safe to log (no secrets).
     pub fn summary(&self) -> String {
         format!(
@@ -725,7 +908,7 @@ type = "TradeOrder"
         assert!(keys.contains(&"colour"), "{keys:?}");
         assert!(keys.contains(&"socketio.lisen"), "{keys:?}");
         assert!(keys.contains(&"nats.server"), "{keys:?}");
-        assert!(keys.contains(&"routes.0.prio"), "{keys:?}");
+        assert!(keys.contains(&"routes[0].prio"), "{keys:?}");
     }
 
     #[test]
