@@ -335,6 +335,88 @@ impl Dialer {
     }
 }
 
+/// Confirms publishes with a round trip through the server: NATS core has no
+/// publish acknowledgement, and the client's `flush()` only empties its own
+/// socket buffer. The server handles a connection's messages in order, so
+/// its answer to a request sent after a publish proves it has the publish.
+/// The request goes to a subject nobody serves (`_INBOX.<instance>.roundtrip`)
+/// and the server's "no responders" status is the answer; one request
+/// confirms every publish made before it, so a burst of acks costs one round
+/// trip. (The bridge's NATS user must be allowed to publish there, as with
+/// the usual `_INBOX.>` permissions of request/reply clients.)
+#[derive(Clone)]
+pub struct RoundTrip {
+    tx: mpsc::UnboundedSender<(socketioxide::extract::AckSender, u64)>,
+    stats: Arc<async_nats::Statistics>,
+}
+
+impl RoundTrip {
+    pub fn start(client: async_nats::Client, instance_id: &str) -> RoundTrip {
+        use std::sync::atomic::Ordering;
+        let (tx, mut rx) = mpsc::unbounded_channel::<(socketioxide::extract::AckSender, u64)>();
+        let stats = client.statistics();
+        let connects = stats.clone();
+        let subject = format!("_INBOX.{instance_id}.roundtrip");
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut waiting = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    waiting.push(more);
+                }
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.request(subject.clone(), bytes::Bytes::new()),
+                )
+                .await;
+                let result = match answer {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e))
+                        if e.kind() == async_nats::client::RequestErrorKind::NoResponders =>
+                    {
+                        Ok(())
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("NATS did not confirm {} publish(es): {e}", waiting.len());
+                        Err("NATS did not confirm the publish")
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "NATS did not confirm {} publish(es) within 5s",
+                            waiting.len()
+                        );
+                        Err("NATS did not confirm the publish")
+                    }
+                };
+                // An answer on a newer connection says nothing of a publish
+                // written to the one before it.
+                let now = connects.connects.load(Ordering::Relaxed);
+                for (ack, at) in waiting {
+                    let result = match result {
+                        Ok(()) if at != now => Err(
+                            "the NATS connection was re-established meanwhile: the publish may be lost",
+                        ),
+                        r => r,
+                    };
+                    crate::bridge::reply(Some(ack), result);
+                }
+            }
+        });
+        RoundTrip { tx, stats }
+    }
+
+    /// Acknowledges `ack` once the server has everything published so far.
+    pub fn ack_after(&self, ack: socketioxide::extract::AckSender) {
+        let at = self
+            .stats
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        // the task lives as long as the client; if it is gone, so is NATS
+        if let Err(e) = self.tx.send((ack, at)) {
+            crate::bridge::reply(Some(e.0 .0), Err("NATS did not confirm the publish"));
+        }
+    }
+}
+
 /// Capped exponential back-off with jitter, so a fleet of bridges does not
 /// reconnect in step. The first attempt (1) goes at once; then 100 ms,
 /// 200 ms, 400 ms ... up to `max`, each scaled by a random 50-100 %.
