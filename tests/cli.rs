@@ -19,14 +19,24 @@ fn check(file: &str, env: &[(&str, &str)]) -> (i32, String, String) {
     bridge_cli(&["--config", file, "check-config"], env)
 }
 
-/// Every shipped sample (config/*.toml) passes validation: CI runs this.
+/// Every shipped sample (config/**/*.toml) passes validation: CI runs this.
 #[test]
 fn shipped_samples_pass_check_config() {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(root().join("config"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
+    fn tomls(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                tomls(&p, out);
+            } else if p.extension().is_some_and(|x| x == "toml") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files: Vec<PathBuf> = Vec::new();
+    tomls(&root().join("config"), &mut files);
     files.sort();
     let names: Vec<String> = files
         .iter()
