@@ -840,6 +840,13 @@ impl Config {
                 );
             }
         }
+        // a value read from a file often ends in a newline: its trimmed form too
+        let trimmed: Vec<String> = out
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|t| !out.contains(t))
+            .collect();
+        out.extend(trimmed);
         out.retain(|s| !s.is_empty());
         out
     }

@@ -51,7 +51,7 @@ pub fn auth_method(cfg: &NatsConfig) -> String {
     if let Some(path) = &cfg.credentials_file {
         format!("credentials file {}", path.display())
     } else if let Some(seed) = &cfg.nkey_seed {
-        match nkeys::KeyPair::from_seed(seed.expose()) {
+        match nkeys::KeyPair::from_seed(seed.expose().trim()) {
             Ok(kp) => format!("nkey {}", kp.public_key()),
             Err(_) => "nkey (invalid seed)".to_string(),
         }
@@ -86,7 +86,7 @@ async fn connect_as(
                     path.display()
                 )
             })?,
-        (None, Some(seed), _, _) => ConnectOptions::with_nkey(seed.expose().to_string()),
+        (None, Some(seed), _, _) => ConnectOptions::with_nkey(seed.expose().trim().to_string()),
         (None, None, Some(token), _) => ConnectOptions::with_token(token.expose().to_string()),
         (None, None, None, Some(user)) => ConnectOptions::with_user_and_password(
             user.clone(),
