@@ -289,7 +289,6 @@ impl Dialer {
             Event::Disconnected => {
                 if primary {
                     bridge.metrics.nats_connected.set(0.0);
-                    bridge.metrics.nats_reconnects.increment(1);
                 }
                 let server = self.current();
                 tracing::warn!(%server, "{label} disconnected from {server}; reconnecting");
