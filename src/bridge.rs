@@ -332,6 +332,7 @@ impl Bridge {
         client: async_nats::Client,
     ) {
         use async_nats::connection::State;
+        let confirm = crate::nats::RoundTrip::start(client.clone(), &self.instance_id);
         while let Some(out) = rx.recv().await {
             let route = self.routes.get(out.route);
             if self.hold_while_nats_down() {
@@ -380,14 +381,8 @@ impl Bridge {
                     tracing::debug!(%subject, route = %route.name, "legacy -> NATS");
                     if let Some(ack) = out.ack {
                         // The ack promises the broker has the message: wait for
-                        // the round trip, off the publishing path.
-                        let c = client.clone();
-                        tokio::spawn(async move {
-                            match tokio::time::timeout(Duration::from_secs(5), c.flush()).await {
-                                Ok(Ok(())) => reply(Some(ack), Ok(())),
-                                _ => reply(Some(ack), Err("NATS did not confirm the publish")),
-                            }
-                        });
+                        // a server round trip, off the publishing path.
+                        confirm.ack_after(ack);
                     }
                 }
                 Err(e) => {
