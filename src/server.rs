@@ -532,7 +532,7 @@ async fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Messag
 }
 
 /// Gives a point-to-point message back to the queue group, once.
-async fn requeue(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Message) {
+pub(crate) async fn requeue(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Message) {
     const H_REQUEUED: &str = "Tradefeed-Bridge-Requeued";
     let mut headers = msg.headers.clone().unwrap_or_default();
     if headers.get(H_REQUEUED).is_some() {

@@ -341,6 +341,9 @@ fn scan_file(path: &Path, rel: &Path, out: &mut Scan) {
     }));
 }
 
+/// Why a file with NUL bytes was not read.
+const BINARY: &str = "binary";
+
 fn read_text(path: &Path) -> Result<String, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
     if meta.len() > MAX_FILE_BYTES {
@@ -348,7 +351,7 @@ fn read_text(path: &Path) -> Result<String, String> {
     }
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
     if bytes.iter().take(8192).any(|b| *b == 0) {
-        return Err("binary".into());
+        return Err(BINARY.into());
     }
     String::from_utf8(bytes).map_err(|_| "not UTF-8 text".into())
 }
@@ -389,8 +392,15 @@ pub fn render(root: &Path, scan: &Scan) -> String {
             }
         }
     }
-    for (p, why) in &scan.skipped {
+    // Binary files are expected (images, jars) and only counted; a file
+    // that could not be read or was too large is a hole in the check, so
+    // each one is named.
+    let binary = scan.skipped.iter().filter(|(_, why)| why == BINARY).count();
+    for (p, why) in scan.skipped.iter().filter(|(_, why)| why != BINARY) {
         let _ = writeln!(s, "{}: skipped: {why}", p.display());
+    }
+    if binary > 0 {
+        let _ = writeln!(s, "({binary} binary file{} not scanned)", plural(binary));
     }
     s
 }
