@@ -176,8 +176,9 @@ fn a_short_run_reports_every_message_delivered_once() {
     );
 }
 
-/// A flood into one-message client buffers: the bridge sheds, and what the
-/// subscribers miss is exactly what the bridge counts as dropped.
+/// A flood into four-message client buffers (room for the join notices, not
+/// for a flood): the bridge sheds, and what the subscribers miss is exactly
+/// what the bridge counts as dropped.
 #[test]
 fn a_flood_sheds_only_what_the_bridge_counts() {
     let dir = tempfile::tempdir().unwrap();
@@ -201,7 +202,7 @@ fn a_flood_sheds_only_what_the_bridge_counts() {
             "--startup-runs",
             "0",
             "--bridge-env",
-            "TRADEFEED_BRIDGE_SOCKETIO__MAX_BUFFER_PACKETS=1",
+            "TRADEFEED_BRIDGE_SOCKETIO__MAX_BUFFER_PACKETS=4",
         ],
     );
     let c = &r["cases"][0];
@@ -209,7 +210,7 @@ fn a_flood_sheds_only_what_the_bridge_counts() {
     let lost = c["lost"].as_u64().unwrap();
     assert!(
         lost > 0,
-        "one-message buffers under a flood must overflow: {c}"
+        "four-message buffers under a flood must overflow: {c}"
     );
     assert_eq!(c["shed"].as_f64(), Some(lost as f64), "{c}");
     assert_eq!(c["duplicated"], 0, "{c}");
