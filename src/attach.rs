@@ -627,9 +627,11 @@ pub async fn subscribe_nats(attach: Arc<Attach>, client: async_nats::Client) -> 
                     continue;
                 }
                 let mut pending = None;
-                attach.bridge.nats_to_legacy(&msg, &serves, |route, topic, env| {
-                    pending = Some(pending_from(route, topic, env));
-                });
+                attach
+                    .bridge
+                    .nats_to_legacy(&msg, &serves, |route, topic, env| {
+                        pending = Some(pending_from(route, topic, env));
+                    });
                 if let Some(p) = pending {
                     attach.to_upstream(p).await;
                 }

@@ -411,13 +411,8 @@ impl Bridge {
         self.convert_nats(msg, &[route], true, deliver)
     }
 
-    fn convert_nats<F>(
-        &self,
-        msg: &async_nats::Message,
-        serves: &[usize],
-        own_ok: bool,
-        deliver: F,
-    ) where
+    fn convert_nats<F>(&self, msg: &async_nats::Message, serves: &[usize], own_ok: bool, deliver: F)
+    where
         F: FnOnce(usize, &str, &EnvelopeOut<'_>),
     {
         let Some(mapped) = self.routes.to_topic(msg.subject.as_str()) else {

@@ -7,6 +7,7 @@ pub mod app;
 pub mod attach;
 pub mod bridge;
 pub mod config;
+pub mod console;
 pub mod envelope;
 pub mod nats;
 pub mod route;

@@ -117,8 +117,7 @@ fn wait_metric(
 fn forwarded_line(log: &str, route: &str) -> Option<String> {
     let tag = format!("route={route} ");
     log.lines()
-        .filter(|l| l.contains("forwarded") && l.contains(&tag))
-        .last()
+        .rfind(|l| l.contains("forwarded") && l.contains(&tag))
         .map(str::to_string)
 }
 
