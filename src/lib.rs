@@ -10,6 +10,7 @@ pub mod config;
 pub mod console;
 pub mod envelope;
 pub mod nats;
+pub mod probe;
 pub mod route;
 pub mod server;
 pub mod telemetry;

@@ -24,6 +24,13 @@ enum Command {
     Run,
     /// Check the configuration, print every problem with its key, and exit.
     CheckConfig,
+    /// Exit 0 when a running bridge's /readyz answers 200 (for container
+    /// health checks); the address comes from admin.listen unless given.
+    Probe {
+        /// The URL to ask, e.g. http://127.0.0.1:18097/readyz.
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -31,6 +38,27 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => check_config(&cli.config),
         Command::Run => run(&cli.config),
+        Command::Probe { url } => probe(&cli.config, url),
+    }
+}
+
+fn probe(path: &std::path::Path, url: Option<String>) -> ExitCode {
+    let url = match url {
+        Some(u) => u,
+        None => match config::load(path, false) {
+            Ok(c) => tradefeed_bridge::probe::readyz_url(&c.admin.listen),
+            Err(e) => {
+                eprint!("{}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match tradefeed_bridge::probe::probe(&url) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("not ready: {why}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod browser;
+pub mod nginx;
+pub mod throttle;
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
