@@ -58,15 +58,17 @@ impl Upstreams {
     }
 }
 
+/// Rewrites one shipped snippet: `(file name, text) -> text`.
+pub type EditSnippet = Box<dyn Fn(&str, &str) -> String>;
+
 /// Options of an nginx start.
 #[derive(Default)]
 pub struct NginxOpts {
     /// Serve HTTPS (a self-signed certificate made for the test).
     pub tls: bool,
-    /// Rewrites the shipped location snippets before use: `(file name,
-    /// text) -> text`. For variants only (a setting removed or changed);
+    /// Rewrites the shipped location snippets before use. For variants only (a setting removed or changed);
     /// `None` runs the files as shipped.
-    pub edit_locations: Option<Box<dyn Fn(&str, &str) -> String>>,
+    pub edit_locations: Option<EditSnippet>,
 }
 
 pub struct Nginx {
