@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod broker;
 pub mod browser;
 pub mod nginx;
 pub mod throttle;
