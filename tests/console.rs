@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::broker::Broker;
-use common::browser::{artifact, Browser};
+use common::browser::{artifact, Browser, POSITIONS_JS, WATCH_ROWS_JS};
 use common::nginx::{Nginx, Upstreams};
 use common::*;
 use serde_json::{json, Value};
@@ -44,24 +44,6 @@ fn position(account: u64, security: &str, quantity: i64) -> Value {
 fn envelope(kind: &str, subject: &str, payload: Value) -> Value {
     json!({"type": kind, "from": "trade-processor", "topic": subject, "date": 1_764_781_234_567u64, "payload": payload})
 }
-
-/// The blotter's positions as `security=quantity`, in row order.
-const POSITIONS_JS: &str = "[...document.querySelectorAll('#positions tbody tr')]\
-    .map(r => r.dataset.security + '=' + r.children[2].textContent).join(',')";
-
-/// Records, from now on, the most rows ever shown at once for one security.
-const WATCH_ROWS_JS: &str = "(() => {
-    const tbody = document.querySelector('#positions tbody');
-    window.maxRowsPerSecurity = 0;
-    const check = () => {
-        const n = {};
-        for (const r of tbody.children) n[r.dataset.security] = (n[r.dataset.security] || 0) + 1;
-        for (const v of Object.values(n)) window.maxRowsPerSecurity = Math.max(window.maxRowsPerSecurity, v);
-    };
-    new MutationObserver(check).observe(tbody, { childList: true, subtree: true });
-    check();
-    return true;
-})()";
 
 #[test]
 fn blotter_updates_a_position_row_in_place_and_adds_one_per_new_security() {

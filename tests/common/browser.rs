@@ -127,3 +127,23 @@ pub fn artifact(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).expect("target/test-artifacts");
     dir.join(name)
 }
+
+// ---- the console page (console/src/main.js)
+
+/// The blotter's positions as `security=quantity`, in row order.
+pub const POSITIONS_JS: &str = "[...document.querySelectorAll('#positions tbody tr')]\
+    .map(r => r.dataset.security + '=' + r.children[2].textContent).join(',')";
+
+/// Records, from now on, the most rows ever shown at once for one security.
+pub const WATCH_ROWS_JS: &str = "(() => {
+    const tbody = document.querySelector('#positions tbody');
+    window.maxRowsPerSecurity = 0;
+    const check = () => {
+        const n = {};
+        for (const r of tbody.children) n[r.dataset.security] = (n[r.dataset.security] || 0) + 1;
+        for (const v of Object.values(n)) window.maxRowsPerSecurity = Math.max(window.maxRowsPerSecurity, v);
+    };
+    new MutationObserver(check).observe(tbody, { childList: true, subtree: true });
+    check();
+    return true;
+})()";

@@ -1,0 +1,254 @@
+//! Bug cases B19, B20 and B21 of /work/shared/cases/bug-cases.md, through
+//! real nginx running the shipped ingress snippets, with the shipped broker
+//! configuration and the console in headless Chromium as the browser.
+//!
+//! Long waits are scaled down by shrinking both sides in proportion, so the
+//! ratios that decide the outcome stay the same:
+//! - B21 (idle connections cut by proxies): 1/30. The 5 minutes of silence
+//!   become 10 s; nginx's default proxy_read_timeout (60 s) becomes 2 s; the
+//!   broker's shipped ping_interval (20 s) becomes 667 ms and nats-server's
+//!   default (2 min) 4 s; Engine.IO's server ping (25 s) becomes 800 ms. The
+//!   shipped snippet's 86400 s is left as it is (scaling it would only make
+//!   it larger than the idle time by even more). Headless Chromium does not
+//!   throttle a background tab's timers, so the page plays the worst such a
+//!   tab can do: it sends no client pings during the silence (`?ping=3600`),
+//!   leaving only server-initiated heartbeats.
+//! - B19 (slow WebSocket consumers): the broker's write_deadline, 10 s as
+//!   shipped, becomes 2 s; the burst (5 MB) and the throttle (20 kB/s) are
+//!   the case's own numbers.
+//! - B20 needs no scaling.
+
+mod common;
+
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::broker::Broker;
+use common::browser::{Browser, POSITIONS_JS, WATCH_ROWS_JS};
+use common::nginx::{replace_all, Nginx, NginxOpts, Upstreams};
+use common::throttle::Throttle;
+use common::*;
+use serde_json::{json, Value};
+
+fn console_dir_env() -> (&'static str, String) {
+    let dir = root().join("console/dist");
+    assert!(
+        dir.join("index.html").is_file(),
+        "the console is not built: run scripts/install-test-deps.sh"
+    );
+    ("TRADEFEED_BRIDGE_CONSOLE__DIR", dir.display().to_string())
+}
+
+fn envelope(kind: &str, subject: &str, payload: Value) -> Value {
+    json!({"type": kind, "from": "trade-processor", "topic": subject, "date": 1_764_781_234_567u64, "payload": payload})
+}
+
+/// Waits in the page until the console's NATS connection is up.
+fn console_connected(browser: &Browser) {
+    browser.wait(
+        "main",
+        "console connected to NATS",
+        "window.tfbConsole && tfbConsole.natsState === 'connected' && tfbConsole.subjects.length === 2",
+        WAIT,
+    );
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+fn wait_until(timeout: Duration, cond: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+// ------------------------------------------------------------------ B21
+
+/// B21 at 1/30 scale (see the module doc).
+const IDLE: Duration = Duration::from_secs(10);
+const NGINX_DEFAULT_READ_TIMEOUT: &str = "2s";
+const SHIPPED_BROKER_PING: &str = "ping_interval: \"667ms\"";
+const DEFAULT_BROKER_PING: &str = "ping_interval: \"4s\"";
+const ENGINE_IO_PING: &str = "800ms";
+
+/// In the page: socket.io-client 4.8 on `/trade-feed` through the ingress,
+/// subscribing in its connect handler as the TraderX browser client does,
+/// counting what it sees.
+const LEGACY_CLIENT_JS: &str = "(() => {
+    window.legacy = { connects: 0, disconnects: 0, trades: [] };
+    const s = io(location.origin, { path: '/trade-feed' });
+    s.on('connect', () => { legacy.connects += 1; s.emit('subscribe', '/accounts/22/trades'); });
+    s.on('disconnect', () => { legacy.disconnects += 1; });
+    s.on('publish', (m) => { if (m.from !== 'System' && m.topic === '/accounts/22/trades') legacy.trades.push(m.payload.id); });
+    return true;
+})()";
+
+struct Idle {
+    /// NATS WebSocket disconnects seen by the console during the silence.
+    nats_disconnects: u64,
+    legacy_disconnects: u64,
+    /// The console's gap banner is shown.
+    gap_shown: bool,
+    nginx_error_log: String,
+}
+
+/// Both browser clients idle for `IDLE`, then one trade update from NATS and
+/// one from a legacy publisher through the bridge; both clients must get
+/// both. `read_timeout` replaces the snippets' 86400 s when given.
+fn b21_idle(read_timeout: Option<&str>, broker_ping: &str) -> Idle {
+    let broker = Broker::shipped_with(broker_ping);
+    let bridge = Bridge::start_url(
+        &broker.url(),
+        BridgeOpts {
+            env: vec![
+                console_dir_env(),
+                (
+                    "TRADEFEED_BRIDGE_SOCKETIO__PING_INTERVAL",
+                    ENGINE_IO_PING.into(),
+                ),
+            ],
+            ..Default::default()
+        },
+    );
+    let up = Upstreams {
+        bridge: Some(bridge.port),
+        admin: Some(bridge.admin_port),
+        nats_ws: vec![broker.ws_port],
+    };
+    let nginx = match read_timeout {
+        None => Nginx::shipped(&up),
+        Some(t) => {
+            let to = format!("proxy_read_timeout {t};");
+            Nginx::shipped_with(
+                &up,
+                NginxOpts {
+                    edit_locations: Some(Box::new(move |name, text| {
+                        if name == "console.conf" {
+                            return text.to_string();
+                        }
+                        replace_all(name, text, "proxy_read_timeout 86400;", &to)
+                    })),
+                    ..Default::default()
+                },
+            )
+        }
+    };
+
+    let browser = Browser::launch(false);
+    browser.open(
+        "main",
+        &format!("{}/console/?account=22&ping=3600", nginx.url()),
+    );
+    console_connected(&browser);
+    browser.add_script(
+        "main",
+        &root().join("tests/node/node_modules/socket.io-client/dist/socket.io.min.js"),
+    );
+    browser.eval("main", LEGACY_CLIENT_JS);
+    browser.wait(
+        "main",
+        "legacy client connected and subscribed",
+        "legacy.connects === 1",
+        WAIT,
+    );
+    // The subscription has reached the bridge when its room has a member.
+    let deadline = Instant::now() + WAIT;
+    while !bridge
+        .admin("/console/api/state")
+        .1
+        .contains("/accounts/22/trades")
+    {
+        assert!(Instant::now() < deadline, "legacy subscription not seen");
+        thread::sleep(Duration::from_millis(50));
+    }
+
+    // The silence the case is about.
+    thread::sleep(IDLE);
+    let during: Value = browser.eval(
+        "main",
+        "({ nats: tfbConsole.disconnects, legacy: legacy.disconnects })",
+    );
+
+    // Updates after the silence: the clients may have to reconnect first,
+    // within their reconnect wait.
+    browser.wait(
+        "main",
+        "both clients connected after the silence",
+        "tfbConsole.natsState === 'connected' && legacy.connects > legacy.disconnects",
+        WAIT,
+    );
+    let processor = Agent::nats(Lang::Node);
+    processor.nats_connect(&broker.url());
+    let subject = "trades.account.22.updated";
+    let trade = |id: &str| json!({"id": id, "accountId": 22, "security": "IBM", "side": "Buy", "quantity": 1, "state": "Settled"});
+    processor.pub_json(subject, &envelope("Trade", subject, trade("T-NATS")));
+    let publisher = Agent::sio(Lang::Node);
+    publisher.connect(&bridge.url(), json!({}));
+    publisher.publish("/accounts/22/trades", "Trade", trade("T-LEGACY"));
+    browser.wait(
+        "main",
+        "both updates on both clients",
+        "['T-LEGACY', 'T-NATS'].every(id => tfbConsole.trades.has(id)) \
+         && legacy.trades.includes('T-NATS') && legacy.trades.includes('T-LEGACY')",
+        WAIT,
+    );
+    assert_eq!(
+        browser.eval("main", "legacy.trades.slice().sort()"),
+        json!(["T-LEGACY", "T-NATS"]),
+        "each update once"
+    );
+    let gap_shown = browser.eval(
+        "main",
+        "!document.querySelector('#gap-banner').hidden && tfbConsole.gaps.length > 0",
+    ) == json!(true);
+    Idle {
+        gap_shown,
+        nats_disconnects: during["nats"].as_u64().unwrap(),
+        legacy_disconnects: during["legacy"].as_u64().unwrap(),
+        nginx_error_log: nginx.error_log(),
+    }
+}
+
+/// B21 with the shipped ingress snippets (proxy_read_timeout 86400 s) and
+/// the shipped broker: neither connection is cut by the silence.
+#[test]
+fn b21_shipped_ingress_keeps_idle_browser_connections() {
+    let r = b21_idle(None, SHIPPED_BROKER_PING);
+    assert_eq!(r.nats_disconnects, 0, "{}", r.nginx_error_log);
+    assert_eq!(r.legacy_disconnects, 0, "{}", r.nginx_error_log);
+    assert!(!r.gap_shown);
+}
+
+/// B21 with nginx's default proxy_read_timeout (60 s, scaled): the
+/// server-initiated heartbeats (the broker's 20 s pings, Engine.IO's 25 s
+/// pings) keep both paths warm though the page pings nothing.
+#[test]
+fn b21_server_heartbeats_keep_paths_warm_under_nginx_default_timeout() {
+    let r = b21_idle(Some(NGINX_DEFAULT_READ_TIMEOUT), SHIPPED_BROKER_PING);
+    assert_eq!(r.nats_disconnects, 0, "{}", r.nginx_error_log);
+    assert_eq!(r.legacy_disconnects, 0, "{}", r.nginx_error_log);
+    assert!(!r.gap_shown);
+}
+
+/// B21 with nginx's default timeout and nats-server's default ping interval
+/// (2 min, longer than the timeout): nginx cuts the quiet NATS WebSocket;
+/// the console reconnects through /nats-ws, resubscribes, shows the gap, and
+/// gets the update. Socket.IO, warmed by Engine.IO pings, stays up.
+#[test]
+fn b21_cut_nats_websocket_reconnects_and_resubscribes() {
+    let r = b21_idle(Some(NGINX_DEFAULT_READ_TIMEOUT), DEFAULT_BROKER_PING);
+    assert!(
+        r.nats_disconnects >= 1,
+        "nginx did not cut the idle NATS WebSocket"
+    );
+    assert!(
+        r.nginx_error_log.contains("upstream timed out"),
+        "{}",
+        r.nginx_error_log
+    );
+    assert_eq!(r.legacy_disconnects, 0, "{}", r.nginx_error_log);
+    assert!(r.gap_shown, "the console did not show the gap");
+}
