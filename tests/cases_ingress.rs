@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::broker::Broker;
 use common::browser::{Browser, POSITIONS_JS, WATCH_ROWS_JS};
-use common::nginx::{replace_all, Nginx, NginxOpts, Upstreams};
+use common::nginx::{replace_all, EditSnippet, Nginx, NginxOpts, Upstreams};
 use common::throttle::Throttle;
 use common::*;
 use serde_json::{json, Value};
@@ -251,4 +251,157 @@ fn b21_cut_nats_websocket_reconnects_and_resubscribes() {
     );
     assert_eq!(r.legacy_disconnects, 0, "{}", r.nginx_error_log);
     assert!(r.gap_shown, "the console did not show the gap");
+}
+
+// ------------------------------------------------------------------ B19
+
+const BURST_MESSAGES: usize = 500;
+const BURST_PAD_BYTES: usize = 10_000; // 500 x 10 kB: the case's 5 MB
+const SLOW_LINK_BPS: u64 = 20_000;
+/// Loopback sockets autotune their buffers to megabytes, which a real
+/// 20 kB/s link never lets them reach: nginx's client sockets keep a fixed
+/// buffer here (as the throttle's do), so the burst meets backpressure as it
+/// would on such a link.
+const SLOW_LINK_SOCKET_BUFFER: &str = "sndbuf=32k";
+
+/// B19: the console behind a 20 kB/s link gets a 5 MB burst on its account.
+/// The broker cuts it as a slow consumer (and stays up); once the link is
+/// back, nats.ws reconnects through /nats-ws and resubscribes, the console
+/// shows the gap and its rows stay one per security. A fast nats.ws client
+/// on the same ingress and a legacy client on the bridge get the whole
+/// burst, in order. `buffering` replaces the snippet's `proxy_buffering off`.
+fn b19_slow_browser(buffering: Option<&'static str>) {
+    let broker = Broker::shipped_with("write_deadline: \"2s\"");
+    let bridge = Bridge::start_url(
+        &broker.url(),
+        BridgeOpts {
+            env: vec![console_dir_env()],
+            ..Default::default()
+        },
+    );
+    let up = Upstreams {
+        bridge: Some(bridge.port),
+        admin: Some(bridge.admin_port),
+        nats_ws: vec![broker.ws_port],
+    };
+    let edit: Option<EditSnippet> = buffering.map(|setting| {
+        Box::new(move |name: &str, text: &str| {
+            if name != "nats-ws.conf" {
+                return text.to_string();
+            }
+            replace_all(name, text, "proxy_buffering off;", setting)
+        }) as EditSnippet
+    });
+    let nginx = Nginx::shipped_with(
+        &up,
+        NginxOpts {
+            edit_locations: edit,
+            listen_params: SLOW_LINK_SOCKET_BUFFER.into(),
+            ..Default::default()
+        },
+    );
+    let link = Throttle::start(nginx.port);
+
+    let browser = Browser::launch(false);
+    browser.open(
+        "main",
+        &format!("http://127.0.0.1:{}/console/?account=22", link.port),
+    );
+    console_connected(&browser);
+    browser.eval("main", WATCH_ROWS_JS);
+
+    let fast = Agent::nats(Lang::Node);
+    fast.cmd(json!({"cmd": "connect", "servers": [nginx.nats_ws_url()]}));
+    fast.sub("f", "positions.account.22.*");
+    let legacy = Agent::sio(Lang::Node);
+    legacy.connect(&bridge.url(), json!({}));
+    legacy.subscribe("/accounts/22/positions");
+
+    // The burst, on a slow link.
+    link.set_rate(SLOW_LINK_BPS);
+    let processor = Agent::nats(Lang::Node);
+    processor.nats_connect(&broker.url());
+    let subject = "positions.account.22.updated";
+    let pad = "x".repeat(BURST_PAD_BYTES);
+    for i in 0..BURST_MESSAGES {
+        let p = json!({"accountId": 22, "security": format!("SEC{}", i % 5), "quantity": i, "note": pad});
+        processor.pub_json(subject, &envelope("Position", subject, p));
+    }
+    assert!(
+        wait_until(Duration::from_secs(30), || broker.log().lines().any(|l| {
+            l.contains("Slow Consumer Detected") && l.contains("tradefeed-bridge-console")
+        })),
+        "the broker did not cut the slow browser:\n{}",
+        broker.log()
+    );
+    assert_eq!(broker.monitor("/healthz").0, 200, "the broker stays up");
+
+    // The others got everything, in order, and the bridge dropped nothing.
+    let got: Vec<u64> = (0..BURST_MESSAGES)
+        .map(|_| {
+            body(&fast.next_msg("f", WAIT))["payload"]["quantity"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        got,
+        (0..BURST_MESSAGES as u64).collect::<Vec<_>>(),
+        "fast nats.ws client"
+    );
+    let got: Vec<u64> = (0..BURST_MESSAGES)
+        .map(|_| {
+            legacy.next_publish(WAIT, |e| e["topic"] == "/accounts/22/positions")["payload"]
+                ["quantity"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        got,
+        (0..BURST_MESSAGES as u64).collect::<Vec<_>>(),
+        "legacy client"
+    );
+    assert_eq!(bridge.admin("/readyz").0, 200);
+    assert_eq!(
+        bridge.metric(
+            "tradefeed_bridge_messages_dropped_total",
+            &[("route", "account-positions")]
+        ),
+        0.0
+    );
+
+    // The link is back: the console reconnects, resubscribes, shows the gap.
+    link.set_rate(0);
+    browser.wait(
+        "main",
+        "console reconnected after being cut",
+        "tfbConsole.reconnects >= 1 && tfbConsole.natsState === 'connected' \
+         && !document.querySelector('#gap-banner').hidden",
+        Duration::from_secs(30),
+    );
+    let p = json!({"accountId": 22, "security": "SEC0", "quantity": 4242});
+    processor.pub_json(subject, &envelope("Position", subject, p));
+    let rows = browser.wait(
+        "main",
+        "the update after the gap",
+        &format!("{POSITIONS_JS}.includes('SEC0=4242') && {POSITIONS_JS}"),
+        WAIT,
+    );
+    let rows = rows.as_str().unwrap();
+    assert!(rows.split(',').count() <= 5, "{rows}");
+    assert_eq!(browser.eval("main", "window.maxRowsPerSecurity"), json!(1));
+}
+
+/// B19 with the shipped `/nats-ws` location (proxy_buffering off).
+#[test]
+fn b19_slow_browser_is_cut_then_reconnects_and_others_get_everything() {
+    b19_slow_browser(None);
+}
+
+/// B19 with buffering turned on: nginx does not buffer an upgraded
+/// connection either way, so the broker still sees the slow consumer.
+#[test]
+fn b19_proxy_buffering_on_does_not_hide_the_slow_consumer() {
+    b19_slow_browser(Some("proxy_buffering on;"));
 }

@@ -66,6 +66,8 @@ pub type EditSnippet = Box<dyn Fn(&str, &str) -> String>;
 pub struct NginxOpts {
     /// Serve HTTPS (a self-signed certificate made for the test).
     pub tls: bool,
+    /// Extra parameters of the `listen` directive (e.g. `sndbuf=32k`).
+    pub listen_params: String,
     /// Rewrites the shipped location snippets before use. For variants only (a setting removed or changed);
     /// `None` runs the files as shipped.
     pub edit_locations: Option<EditSnippet>,
@@ -110,16 +112,22 @@ impl Nginx {
             shipped.join("tradefeed-websocket.conf").display()
         );
         let server = format!("        include {}/*.conf;\n", locations.display());
-        Nginx::start_in(dir, &http, &server, opts.tls)
+        Nginx::start_in(dir, &http, &server, opts.tls, &opts.listen_params)
     }
 
     /// Serves `server` (a server-block snippet) with `http` (http-block
     /// directives) added; paths no location routes get nginx's 404.
     pub fn start(http: &str, server: &str) -> Nginx {
-        Nginx::start_in(scratch(), http, server, false)
+        Nginx::start_in(scratch(), http, server, false, "")
     }
 
-    fn start_in(dir: tempfile::TempDir, http: &str, server: &str, tls: bool) -> Nginx {
+    fn start_in(
+        dir: tempfile::TempDir,
+        http: &str,
+        server: &str,
+        tls: bool,
+        listen_params: &str,
+    ) -> Nginx {
         let port = free_port();
         let d = dir.path().display().to_string();
         // as root, nginx's workers would switch to `nobody` and lose the scratch dir
@@ -131,11 +139,11 @@ impl Nginx {
         let listen = if tls {
             self_signed(dir.path());
             format!(
-                "listen 127.0.0.1:{port} ssl;\n        ssl_certificate {d}/cert.pem;\n        \
+                "listen 127.0.0.1:{port} ssl {listen_params};\n        ssl_certificate {d}/cert.pem;\n        \
                  ssl_certificate_key {d}/key.pem;"
             )
         } else {
-            format!("listen 127.0.0.1:{port};")
+            format!("listen 127.0.0.1:{port} {listen_params};")
         };
         let conf = format!(
             "{user}

@@ -37,6 +37,7 @@ impl Throttle {
                         let Ok(server) = TcpStream::connect(("127.0.0.1", target)) else {
                             continue;
                         };
+                        small_receive_buffer(&server);
                         let mut list = conns.lock().unwrap();
                         list.push(client.try_clone().unwrap());
                         list.push(server.try_clone().unwrap());
@@ -57,6 +58,23 @@ impl Throttle {
 
     pub fn set_rate(&self, bytes_per_sec: u64) {
         self.rate.store(bytes_per_sec, Ordering::Relaxed);
+    }
+}
+
+/// A fixed, small receive buffer towards the server, so the kernel does not
+/// grow it (loopback buffers autotune to megabytes) and a slow read here is
+/// felt upstream at once, as on a real slow link.
+fn small_receive_buffer(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 32 * 1024;
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &size as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
