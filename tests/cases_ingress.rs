@@ -405,3 +405,211 @@ fn b19_slow_browser_is_cut_then_reconnects_and_others_get_everything() {
 fn b19_proxy_buffering_on_does_not_hide_the_slow_consumer() {
     b19_slow_browser(Some("proxy_buffering on;"));
 }
+
+// ------------------------------------------------------------------ B20
+
+/// Three nodes of the shipped broker, clustered with `no_advertise`, each
+/// with its WebSocket listener.
+fn cluster() -> Vec<Broker> {
+    let ports: Vec<(u16, u16, u16, u16)> = (0..3)
+        .map(|_| (free_port(), free_port(), free_port(), free_port()))
+        .collect();
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|p| format!("\"nats://127.0.0.1:{}\"", p.3))
+        .collect();
+    let nodes: Vec<Broker> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &(client, http, ws, route))| {
+            let extra = format!(
+                "server_name: n{i}\ncluster {{\n  name: traderx\n  listen: \"127.0.0.1:{route}\"\n  \
+                 routes: [{}]\n  no_advertise: true\n}}\n",
+                routes.join(", ")
+            );
+            Broker::starting(client, http, ws, &extra)
+        })
+        .collect();
+    for n in &nodes {
+        n.wait_healthy(Duration::from_secs(30));
+        assert!(
+            wait_until(Duration::from_secs(15), || {
+                let (_, routez) = n.monitor("/routez");
+                serde_json::from_str::<Value>(&routez)
+                    .map(|v| v["num_routes"].as_u64().unwrap_or(0) >= 2)
+                    .unwrap_or(false)
+            }),
+            "cluster did not form:\n{}",
+            n.log()
+        );
+    }
+    nodes
+}
+
+/// B20: the console on an https page, through `/nats-ws` (wss) in front of
+/// a 3-node cluster; the node it is on dies. It reconnects through the
+/// ingress, never to an advertised internal address, resubscribes, and
+/// gets updates again. The bridge, given the internal nats:// URLs, follows
+/// the cluster too.
+#[test]
+fn b20_browser_reconnects_through_the_ingress_when_its_node_dies() {
+    let mut nodes = cluster();
+    let servers: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.url())).collect();
+    let bridge = Bridge::start_url(
+        &nodes[0].url(),
+        BridgeOpts {
+            env: vec![
+                console_dir_env(),
+                (
+                    "TRADEFEED_BRIDGE_NATS__SERVERS",
+                    format!("[{}]", servers.join(",")),
+                ),
+            ],
+            ..Default::default()
+        },
+    );
+    let nginx = Nginx::shipped_with(
+        &Upstreams {
+            bridge: Some(bridge.port),
+            admin: Some(bridge.admin_port),
+            nats_ws: nodes.iter().map(|n| n.ws_port).collect(),
+        },
+        NginxOpts {
+            tls: true,
+            ..Default::default()
+        },
+    );
+
+    let browser = Browser::launch(true);
+    browser.open("main", &format!("{}/console/?account=22", nginx.url()));
+    console_connected(&browser);
+    assert_eq!(
+        browser.eval("main", "tfbConsole.natsUrl"),
+        json!(nginx.nats_ws_url()),
+        "wss, following the https page"
+    );
+    assert_eq!(browser.eval("main", "tfbConsole.connectUrls"), json!([]));
+    let first = browser.eval("main", "tfbConsole.natsServer");
+    let first = first.as_str().unwrap().to_string();
+    let victim: usize = first.trim_start_matches('n').parse().unwrap();
+
+    // A legacy service talks to the bridge directly, as Java services do.
+    let legacy = Agent::sio(Lang::Node);
+    legacy.connect(&bridge.url(), json!({"path": "/trade-feed"}));
+    let subject = "positions.account.22.updated";
+    legacy.publish(
+        "/accounts/22/positions",
+        "Position",
+        json!({"accountId": 22, "security": "IBM", "quantity": 1}),
+    );
+    browser.wait(
+        "main",
+        "IBM at 1",
+        &format!("{POSITIONS_JS} === 'IBM=1'"),
+        WAIT,
+    );
+
+    nodes[victim].kill();
+    browser.wait(
+        "main",
+        "reconnected to another node",
+        &format!(
+            "tfbConsole.reconnects >= 1 && tfbConsole.natsState === 'connected' \
+             && tfbConsole.natsServer !== '{first}'"
+        ),
+        Duration::from_secs(20),
+    );
+    assert_eq!(browser.eval("main", "tfbConsole.connectUrls"), json!([]));
+    assert_eq!(
+        browser.eval("main", "tfbConsole.natsUrl"),
+        json!(nginx.nats_ws_url())
+    );
+
+    // Resubscribed: a NATS processor on a surviving node, and a legacy
+    // publisher through the bridge, which may have had to move node too.
+    let survivor = &nodes[(victim + 1) % 3];
+    let processor = Agent::nats(Lang::Node);
+    processor.nats_connect(&survivor.url());
+    processor.pub_json(
+        subject,
+        &envelope(
+            "Position",
+            subject,
+            json!({"accountId": 22, "security": "IBM", "quantity": 2}),
+        ),
+    );
+    browser.wait(
+        "main",
+        "IBM at 2",
+        &format!("{POSITIONS_JS} === 'IBM=2'"),
+        WAIT,
+    );
+    bridge.wait_ready(Duration::from_secs(20));
+    legacy.publish(
+        "/accounts/22/positions",
+        "Position",
+        json!({"accountId": 22, "security": "MSFT", "quantity": 3}),
+    );
+    browser.wait(
+        "main",
+        "MSFT through the bridge after the node died",
+        &format!("{POSITIONS_JS} === 'IBM=2,MSFT=3'"),
+        WAIT,
+    );
+
+    // Every WebSocket the page opened went through the ingress: nginx logs
+    // one upgrade on /nats-ws per connection (when it closes).
+    drop(browser);
+    assert!(
+        wait_until(WAIT, || nginx
+            .access_log()
+            .lines()
+            .filter(|l| l.contains("GET /nats-ws HTTP/1.1\" 101 "))
+            .count()
+            == 2),
+        "{}",
+        nginx.access_log()
+    );
+}
+
+/// B20, the bridge's side: a websocket URL with a path (the ingress's
+/// `/nats-ws`) is refused at start-up with a message saying what to use.
+#[test]
+fn b20_bridge_refuses_a_websocket_url_with_a_path() {
+    let node = Broker::shipped();
+    let nginx = Nginx::shipped(&Upstreams {
+        nats_ws: vec![node.ws_port],
+        ..Default::default()
+    });
+    let url = nginx.nats_ws_url();
+    for cmd in ["check-config", "run"] {
+        let started = Instant::now();
+        let out = std::process::Command::new(bridge_bin())
+            .current_dir(root())
+            .args(["--config", "config/traderx.toml", cmd])
+            .env("TRADEFEED_BRIDGE_NATS__SERVERS", format!("[\"{url}\"]"))
+            .env(
+                "TRADEFEED_BRIDGE_SOCKETIO__LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env(
+                "TRADEFEED_BRIDGE_ADMIN__LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{cmd}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{cmd}: slow refusal"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("nats.servers[0]"), "{cmd}: {err}");
+        assert!(err.contains("websocket URL with a path"), "{cmd}: {err}");
+        assert!(err.contains("internal nats:// address"), "{cmd}: {err}");
+    }
+    assert!(
+        !nginx.access_log().contains("/nats-ws"),
+        "nothing was tried"
+    );
+}

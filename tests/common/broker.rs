@@ -46,6 +46,14 @@ impl Broker {
     /// As [`Broker::shipped_with`], on given ports (a cluster's routes name
     /// each other's ports before they start).
     pub fn on_ports(port: u16, http_port: u16, ws_port: u16, extra: &str) -> Broker {
+        let b = Broker::starting(port, http_port, ws_port, extra);
+        b.wait_healthy(Duration::from_secs(15));
+        b
+    }
+
+    /// Starts without waiting for health: a JetStream cluster node is
+    /// healthy only once enough of its peers run.
+    pub fn starting(port: u16, http_port: u16, ws_port: u16, extra: &str) -> Broker {
         let dir = scratch();
         let text = std::fs::read_to_string(shipped_conf()).expect("compose/nats-server.conf");
         let text = swap(&text, "\"0.0.0.0:4222\"", &format!("\"127.0.0.1:{port}\""));
@@ -68,16 +76,14 @@ impl Broker {
         let conf = dir.path().join("nats-server.conf");
         std::fs::write(&conf, format!("{text}\n# added by the test\n{extra}\n")).unwrap();
         let proc = Broker::spawn(&conf, dir.path(), port);
-        let b = Broker {
+        Broker {
             port,
             http_port,
             ws_port,
             proc,
             dir,
             conf,
-        };
-        b.wait_healthy(Duration::from_secs(15));
-        b
+        }
     }
 
     fn spawn(conf: &Path, dir: &Path, port: u16) -> Proc {
