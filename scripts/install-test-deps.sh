@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the integration tests' agents need: the Node packages of
-# tests/node (from its lock file) and the Python venv tests/.venv.
+# tests/node (from its lock file), the Python venv tests/.venv, the built
+# console and the Java agents.
 # Idempotent and quiet on success; runs from any working directory.
 set -euo pipefail
 
@@ -47,6 +48,9 @@ if [[ ! -x "$VENV/bin/python" || ! -f "$py_stamp" || "$(cat "$py_stamp")" != "$p
   quiet "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$REQS"
   printf '%s\n' "$py_hash" > "$py_stamp"
 fi
+
+# --- the console (console/ -> console/dist), which the browser tests open --
+bash "$ROOT/scripts/build-console.sh"
 
 # --- Java agents (tests/java) ------------------------------------------------
 # >>> Java step: owned by whoever maintains tests/java. Do not inline here. <<<
