@@ -11,6 +11,10 @@
 // row is updated in place, and a row is added only for a security not shown
 // yet (TraderX FR-707). A trade message replaces the row of its trade id.
 //
+// Limitation: the blotter shows only what is published after the page
+// opened (NATS core keeps no history); after a reconnect it marks its rows
+// as possibly stale instead of reloading them from position-service.
+//
 // URL options: ?account=22 (default: every account), ?nats=wss://host/nats-ws
 // (default: the bridge's console.nats_url), ?ping=25 (client ping interval,
 // seconds).
