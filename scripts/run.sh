@@ -25,6 +25,8 @@ else
   echo "run: starting $bin on 127.0.0.1:4222 (websocket on 8081 for browsers)" >&2
   conf="$(mktemp)"
   printf 'listen: "127.0.0.1:4222"\nhttp: "127.0.0.1:8222"\nwebsocket { listen: "127.0.0.1:8081", no_tls: true }\n' > "$conf"
+  # JetStream holds attach mode's lease (one active bridge per trade-feed).
+  printf 'jetstream { store_dir: "%s" }\n' "$(mktemp -d)" >> "$conf"
   "$bin" -c "$conf" &
   nats_pid=$!
   # No ingress here: the console reaches that WebSocket listener directly.

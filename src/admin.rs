@@ -1,4 +1,4 @@
-//! The admin HTTP endpoint: health, readiness and metrics.
+//! The admin HTTP endpoint: health, readiness, metrics and the census.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,6 +26,7 @@ pub fn router(bridge: Arc<Bridge>, prometheus: PrometheusHandle) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/api/census", get(census))
         .route(
             "/api/attach/legacy-consumers/{route}",
             axum::routing::put(set_legacy_consumers),
@@ -85,6 +86,9 @@ pub fn not_ready(bridge: &Bridge) -> Vec<&'static str> {
             if !bridge.upstream_connected.load(Ordering::Relaxed) {
                 why.push("trade-feed is not connected");
             }
+            if bridge.attach().is_some_and(|a| a.lease_problem().is_some()) {
+                why.push("the attach lease is unavailable (see the log: JetStream?)");
+            }
         }
     }
     why
@@ -92,15 +96,20 @@ pub fn not_ready(bridge: &Bridge) -> Vec<&'static str> {
 
 async fn readyz(State(a): State<Admin>) -> Response {
     let why = not_ready(&a.bridge);
-    if why.is_empty() {
-        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+    let mut body = if why.is_empty() {
+        json!({"ready": true})
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "reasons": why})),
-        )
-            .into_response()
+        json!({"ready": false, "reasons": why})
+    };
+    if let Some(attach) = a.bridge.attach() {
+        body["role"] = json!(attach.role_name());
     }
+    let status = if why.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(State(a): State<Admin>) -> String {
@@ -109,9 +118,19 @@ async fn metrics(State(a): State<Admin>) -> String {
         metrics::gauge!(telemetry::CLIENTS, "transport" => "polling").set(polling as f64);
         metrics::gauge!(telemetry::CLIENTS, "transport" => "websocket").set(websocket as f64);
     }
-    a.bridge
-        .metrics
-        .nats_connected
+    let m = &a.bridge.metrics;
+    m.nats_connected
         .set(if a.bridge.nats_connected() { 1.0 } else { 0.0 });
+    if let Some(c) = a.bridge.nats() {
+        // async-nats counts the first connect too.
+        let connects = c.statistics().connects.load(Ordering::Relaxed);
+        m.nats_reconnects.absolute(connects.saturating_sub(1));
+    }
+    m.nats_pending.set(a.bridge.pending_to_nats() as f64);
     a.prometheus.render()
+}
+
+/// Who is still on the legacy side (see `census.rs`).
+async fn census(State(a): State<Admin>) -> Json<crate::census::Report> {
+    Json(crate::census::report(&a.bridge))
 }

@@ -39,7 +39,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on admin.listen {admin_addr}"))?;
     let admin_app = admin::router(bridge.clone(), prometheus);
-    tracing::info!(addr = %admin_listener.local_addr()?, "admin endpoint (/healthz, /readyz, /metrics)");
+    tracing::info!(addr = %admin_listener.local_addr()?, "admin endpoint (/healthz, /readyz, /metrics, /api/census)");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(admin_listener, admin_app).await {
             tracing::error!("admin endpoint stopped: {e}");
@@ -96,29 +96,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tokio::spawn(server::watch_idle_clients(bridge.clone()));
         }
         Mode::Attach => {
-            let attach = crate::attach::Attach::new(bridge.clone());
-            if bridge.config.attach.lease {
-                crate::attach::keep_lease(attach.clone(), client.clone()).await?;
-            }
-            crate::attach::subscribe_nats(attach.clone(), client.clone()).await?;
-            if bridge.routes.queue_routes().next().is_some() {
-                server::watch_no_responders(bridge.clone(), client.clone()).await?;
-                let queued: Vec<usize> = bridge
-                    .routes
-                    .queue_routes()
-                    .filter(|r| r.direction.to_socketio())
-                    .map(|r| r.index)
-                    .collect();
-                for route in queued {
-                    tokio::spawn(crate::attach::run_queue_member(
-                        attach.clone(),
-                        client.clone(),
-                        route,
-                    ));
-                }
-            }
-            bridge.set_attach(attach.clone());
-            tokio::spawn(attach.run());
+            crate::attach::start(bridge.clone(), client.clone()).await?;
         }
     }
 
@@ -143,6 +121,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // (45 s), while it sees a closed TCP connection at once and reconnects.
     // The connections drop when the process exits, as with trade-feed.
     let deadline = Instant::now() + bridge.config.drain_timeout;
+    if let Some(attach) = bridge.attach() {
+        attach.shutdown(deadline).await;
+    }
     while bridge.pending_to_nats() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -65,6 +65,10 @@ pub struct RouteActivity {
     pub to_socketio_ms: AtomicU64,
     pub to_nats_count: AtomicU64,
     pub to_socketio_count: AtomicU64,
+    /// NATS -> legacy messages that reached at least one legacy client
+    /// (last time), and the number of clients reached (count).
+    pub received_ms: AtomicU64,
+    pub received_count: AtomicU64,
 }
 
 pub struct Bridge {
@@ -89,10 +93,14 @@ pub struct Bridge {
     /// Largest NATS message (body plus headers) the bridge will send.
     max_nats_bytes: AtomicUsize,
     pub last_legacy_activity_ms: AtomicU64,
+    /// Departures and last publish, for the census.
+    pub census: crate::census::CensusState,
     /// Bumped whenever a legacy client joins or leaves a room, so the
     /// point-to-point members can follow their rooms.
     pub membership: tokio::sync::watch::Sender<u64>,
     attach: OnceLock<Arc<crate::attach::Attach>>,
+    /// Woken when the NATS connection is (re-)established.
+    pub nats_up: tokio::sync::Notify,
 }
 
 impl Bridge {
@@ -104,7 +112,7 @@ impl Bridge {
             config.instance_id.clone()
         };
         let (tx, rx) = mpsc::channel(config.nats.publish_queue);
-        let metrics = Metrics::new(&routes);
+        let metrics = Metrics::new(&routes, &config, &instance_id);
         let route_types = routes
             .routes()
             .iter()
@@ -134,8 +142,10 @@ impl Bridge {
             upstream_connected: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             last_legacy_activity_ms: AtomicU64::new(0),
+            census: Default::default(),
             membership: tokio::sync::watch::channel(0).0,
             attach: OnceLock::new(),
+            nats_up: tokio::sync::Notify::new(),
         })
     }
 
@@ -324,6 +334,9 @@ impl Bridge {
         use async_nats::connection::State;
         while let Some(out) = rx.recv().await {
             let route = self.routes.get(out.route);
+            if self.hold_while_nats_down() {
+                self.wait_for_nats(&client).await;
+            }
             if client.connection_state() != State::Connected {
                 telemetry::dropped(&route.name, TO_NATS, "nats_unavailable", 1);
                 self.warn_limited(
@@ -387,6 +400,31 @@ impl Bridge {
                 }
             }
             self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Attach mode has no client waiting for an ack: a legacy message that
+    /// arrives while NATS is down waits in the publish queue (in order,
+    /// bounded by `nats.publish_queue`, newest dropped and counted when
+    /// full) instead of being dropped. Server mode answers acks at once.
+    fn hold_while_nats_down(&self) -> bool {
+        self.config.mode == crate::config::Mode::Attach
+    }
+
+    /// Waits until the NATS connection is up (re-checked every 250 ms in
+    /// case a wake-up was missed).
+    async fn wait_for_nats(&self, client: &async_nats::Client) {
+        use async_nats::connection::State;
+        let mut told = false;
+        while client.connection_state() != State::Connected {
+            if !told {
+                tracing::info!(
+                    waiting = self.pending_to_nats(),
+                    "NATS is not connected: legacy messages wait for it"
+                );
+                told = true;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(250), self.nats_up.notified()).await;
         }
     }
 
@@ -468,16 +506,24 @@ impl Bridge {
         deliver(mapped.route, &mapped.target, &env);
     }
 
-    /// Counts a message handed to the legacy side on `route`.
-    pub fn forwarded_to_socketio(&self, route: usize, received: Instant) {
+    /// Counts a message handed to the legacy side on `route`, which
+    /// `recipients` legacy clients received (server mode; attach mode hands
+    /// it to trade-feed and passes 0: it cannot know).
+    pub fn forwarded_to_socketio(&self, route: usize, received: Instant, recipients: usize) {
         let m = &self.metrics.routes[route];
         m.forwarded_to_socketio.increment(1);
         m.latency_to_socketio
             .record(received.elapsed().as_secs_f64());
         let a = &self.activity[route];
-        a.to_socketio_ms
-            .store(envelope::now_ms(), Ordering::Relaxed);
+        let now = envelope::now_ms();
+        a.to_socketio_ms.store(now, Ordering::Relaxed);
         a.to_socketio_count.fetch_add(1, Ordering::Relaxed);
+        if recipients > 0 {
+            m.delivered_to_socketio.increment(recipients as u64);
+            a.received_ms.store(now, Ordering::Relaxed);
+            a.received_count
+                .fetch_add(recipients as u64, Ordering::Relaxed);
+        }
     }
 }
 

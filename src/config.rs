@@ -114,6 +114,31 @@ pub struct AttachConfig {
     /// operator says it; routes not listed count as having legacy consumers.
     /// Changed at run time with `PUT /api/attach/legacy-consumers/<route>`.
     pub legacy_consumers: std::collections::BTreeMap<String, bool>,
+    /// How the bridge talks to trade-feed.
+    pub transport: AttachTransport,
+    /// After a reconnect, how long buffered NATS -> legacy messages wait
+    /// before they are sent, so that legacy clients (which reconnect on
+    /// their own schedule) are back in their rooms.
+    #[serde(with = "humantime_serde")]
+    pub replay_wait: Duration,
+    /// Largest `publish` the bridge sends to trade-feed (its
+    /// `maxHttpBufferSize`, 1e6 bytes by default): a larger one would make
+    /// trade-feed close the connection, so it is refused and counted.
+    pub max_payload_bytes: usize,
+}
+
+/// The Engine.IO transport attach mode uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachTransport {
+    /// WebSocket when trade-feed offers it (after an HTTP handshake), else
+    /// HTTP long-polling.
+    #[default]
+    Any,
+    /// WebSocket only.
+    Websocket,
+    /// HTTP long-polling only (for proxies that do not pass WebSocket).
+    Polling,
 }
 
 impl Default for AttachConfig {
@@ -131,6 +156,9 @@ impl Default for AttachConfig {
             lease_bucket: "tradefeed_bridge".into(),
             lease_ttl: Duration::from_secs(6),
             legacy_consumers: Default::default(),
+            transport: AttachTransport::Any,
+            replay_wait: Duration::from_secs(5),
+            max_payload_bytes: 1_000_000,
         }
     }
 }
@@ -564,6 +592,32 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         if c.attach.lease_ttl < Duration::from_secs(1) {
             p.push(problem("attach.lease_ttl", "must be at least 1s"));
         }
+        if c.attach.buffer_messages == 0 {
+            p.push(problem("attach.buffer_messages", "must be at least 1"));
+        }
+        if c.attach.max_payload_bytes < 1024 {
+            p.push(problem("attach.max_payload_bytes", "must be at least 1024"));
+        }
+        // A standby forgets what it shadows after echo_window; it must
+        // outlive a takeover (lease_ttl + lease_ttl/3) with room to spare.
+        if c.attach.lease && c.attach.echo_window < c.attach.lease_ttl * 2 {
+            p.push(problem(
+                "attach.echo_window",
+                "must be at least twice attach.lease_ttl",
+            ));
+        }
+        for name in c.attach.legacy_consumers.keys() {
+            let queue_route = c
+                .routes
+                .iter()
+                .any(|r| &r.name == name && r.delivery == crate::route::Delivery::Queue);
+            if !queue_route {
+                p.push(problem(
+                    format!("attach.legacy_consumers.{name}"),
+                    "names no point-to-point route (delivery = \"queue\")",
+                ));
+            }
+        }
     }
 
     let url = &c.console.nats_url;
@@ -606,11 +660,19 @@ impl Config {
         } else {
             "none"
         };
+        let side = match self.mode {
+            Mode::Server => format!(
+                "socketio={} paths={:?}",
+                self.socketio.listen, self.socketio.paths
+            ),
+            Mode::Attach => format!(
+                "trade-feed={}{} lease={}",
+                self.attach.url, self.attach.path, self.attach.lease
+            ),
+        };
         format!(
-            "mode={:?} socketio={} paths={:?} admin={} nats={:?} auth={} tls={} routes={}",
+            "mode={:?} {side} admin={} nats={:?} auth={} tls={} routes={}",
             self.mode,
-            self.socketio.listen,
-            self.socketio.paths,
             self.admin.listen,
             self.nats.servers,
             auth,
@@ -714,6 +776,39 @@ type = "TradeOrder"
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn attach_settings_are_checked() {
+        let err = load_str(&format!(
+            "mode = \"attach\"\n[attach]\nurl = \"trade-feed:18086\"\nbuffer_messages = 0\n\
+             lease_ttl = \"10s\"\necho_window = \"15s\"\ntransport = \"carrier-pigeon\"\n{ROUTE}"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"attach.transport"), "{err}");
+        let err = load_str(&format!(
+            "mode = \"attach\"\n[attach]\nurl = \"trade-feed:18086\"\nbuffer_messages = 0\n\
+             lease_ttl = \"10s\"\necho_window = \"15s\"\n\
+             legacy_consumers = {{ orders = false, nope = true }}\n{ROUTE}"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "attach.url",
+            "attach.buffer_messages",
+            "attach.echo_window",
+            "attach.legacy_consumers.orders",
+            "attach.legacy_consumers.nope",
+        ] {
+            assert!(keys.contains(&key), "{key}: {err}");
+        }
+        let ok = load_str(&format!(
+            "mode = \"attach\"\n[attach]\nurl = \"http://trade-feed:18086\"\n\
+             transport = \"polling\"\n{ROUTE}"
+        ))
+        .unwrap();
+        assert_eq!(ok.attach.transport, AttachTransport::Polling);
     }
 
     #[test]

@@ -105,6 +105,7 @@ pub fn backoff(attempts: usize, max: Duration) -> Duration {
 fn on_event(bridge: &Bridge, event: Event) {
     match event {
         Event::Connected => {
+            bridge.nats_up.notify_waiters();
             bridge.metrics.nats_connected.set(1.0);
             bridge.learn_server_limit();
             if let Some(c) = bridge.nats() {
@@ -119,7 +120,6 @@ fn on_event(bridge: &Bridge, event: Event) {
         }
         Event::Disconnected => {
             bridge.metrics.nats_connected.set(0.0);
-            bridge.metrics.nats_reconnects.increment(1);
             tracing::warn!("NATS disconnected; reconnecting");
         }
         Event::SlowConsumer(sid) => {

@@ -169,14 +169,26 @@ impl ConnectHandler<LocalAdapter, Hub> for Hub {
             .unwrap_or_else(|e| e.into_inner())
             .insert(s.id, info);
         let bridge = self.0.clone();
-        SocketRef::from(s).on_disconnect(async move |s: SocketRef, reason: socketioxide::socket::DisconnectReason| {
-            let removed = bridge.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&s.id);
-            bridge.membership_changed();
-            bridge
-                .last_legacy_activity_ms
-                .store(envelope::now_ms(), Ordering::Relaxed);
-            tracing::info!(id = %s.id, ?reason, dropped = removed.map_or(0, |c| c.dropped), "legacy client disconnected");
-        });
+        SocketRef::from(s).on_disconnect(
+            async move |s: SocketRef, reason: socketioxide::socket::DisconnectReason| {
+                let removed = bridge
+                    .clients
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&s.id);
+                bridge.membership_changed();
+                bridge
+                    .last_legacy_activity_ms
+                    .store(envelope::now_ms(), Ordering::Relaxed);
+                let dropped = removed.as_ref().map_or(0, |c| c.dropped);
+                tracing::info!(id = %s.id, ?reason, dropped, "legacy client disconnected");
+                if let Some(info) = removed {
+                    bridge
+                        .census
+                        .departed(info, s.transport_type(), reason.to_string());
+                }
+            },
+        );
     }
 
     fn call_middleware<'a>(
@@ -362,6 +374,7 @@ fn on_publish(
     let Some(io) = bridge.io() else { return };
     let now = envelope::now_ms();
     bridge.last_legacy_activity_ms.store(now, Ordering::Relaxed);
+    bridge.census.published(now);
     {
         let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get_mut(&s.id) {
@@ -402,8 +415,9 @@ fn on_publish(
             out.ack = ack;
             bridge.enqueue(out);
         } else {
-            if deliver_to(bridge, io, Audience::Room, name, &p.topic, &env) > 0 {
-                bridge.forwarded_to_socketio(m.route, received);
+            let n = deliver_to(bridge, io, Audience::Room, name, &p.topic, &env);
+            if n > 0 {
+                bridge.forwarded_to_socketio(m.route, received, n);
                 reply(ack, Ok(()));
             } else {
                 bridge.undeliverable(m.route, "NATS is down and no legacy consumer is connected");
@@ -500,11 +514,11 @@ async fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Messag
     let mut handed: Option<bool> = None;
     bridge.queued_to_legacy(&msg, route, |route, topic, env| {
         let name = &bridge.routes.get(route).name;
-        let ok = deliver_to(bridge, io, Audience::Room, name, topic, env) > 0;
-        if ok {
-            bridge.forwarded_to_socketio(route, received);
+        let n = deliver_to(bridge, io, Audience::Room, name, topic, env);
+        if n > 0 {
+            bridge.forwarded_to_socketio(route, received, n);
         }
-        handed = Some(ok);
+        handed = Some(n > 0);
     });
     if handed == Some(false) {
         requeue(bridge, route, msg).await;
@@ -512,7 +526,7 @@ async fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Messag
 }
 
 /// Gives a point-to-point message back to the queue group, once.
-async fn requeue(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Message) {
+pub(crate) async fn requeue(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Message) {
     const H_REQUEUED: &str = "Tradefeed-Bridge-Requeued";
     let mut headers = msg.headers.clone().unwrap_or_default();
     if headers.get(H_REQUEUED).is_some() {
@@ -658,8 +672,8 @@ pub async fn subscribe_nats(bridge: Arc<Bridge>, client: async_nats::Client) -> 
                 let received = Instant::now();
                 bridge.nats_to_legacy(&msg, &serves, |route, topic, env| {
                     let name = &bridge.routes.get(route).name;
-                    deliver(&bridge, io, name, topic, env);
-                    bridge.forwarded_to_socketio(route, received);
+                    let n = deliver(&bridge, io, name, topic, env);
+                    bridge.forwarded_to_socketio(route, received, n);
                 });
             }
         });

@@ -133,6 +133,14 @@ fn blotter_updates_a_position_row_in_place_and_adds_one_per_new_security() {
         "Trade",
         json!({"id": "T-1", "accountId": 22, "security": "IBM", "side": "Buy", "quantity": 100, "state": "New"}),
     );
+    // The legacy publish goes through the bridge: wait for it before the
+    // next state comes from NATS, or the two could cross.
+    browser.wait(
+        "main",
+        "trade T-1 new",
+        "[...document.querySelectorAll('#trades tbody tr')].map(r => r.dataset.trade + '=' + r.dataset.state).join() === 'T-1=New'",
+        WAIT,
+    );
     let trades = "trades.account.22.updated";
     processor.pub_json(
         trades,
