@@ -58,8 +58,8 @@ pub fn init_logging(cfg: &LogConfig, secrets: &[String]) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(&cfg.level));
+        .and_then(|f| EnvFilter::try_new(filter_directives(&f)).ok())
+        .unwrap_or_else(|| EnvFilter::new(filter_directives(&cfg.level)));
     // Colours only on a terminal: a log file or container log keeps plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -68,6 +68,18 @@ pub fn init_logging(cfg: &LogConfig, secrets: &[String]) {
     match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.with_target(false).init(),
+    }
+}
+
+/// The filter for a configured level. A bare `info` means the bridge's own
+/// lifecycle lines: the libraries' info chatter (the NATS client announces
+/// every connect twice) stays out, at `warn`. Any other level or filter is
+/// taken as written, so `debug` and `trace` show the libraries too.
+pub fn filter_directives(level: &str) -> String {
+    if level.trim().eq_ignore_ascii_case("info") {
+        "warn,tradefeed_bridge=info".to_string()
+    } else {
+        level.to_string()
     }
 }
 
@@ -488,6 +500,15 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bare_info_keeps_libraries_at_warn() {
+        assert_eq!(filter_directives("info"), "warn,tradefeed_bridge=info");
+        assert_eq!(filter_directives(" INFO "), "warn,tradefeed_bridge=info");
+        for as_written in ["debug", "trace", "warn", "info,async_nats=debug"] {
+            assert_eq!(filter_directives(as_written), as_written);
+        }
+    }
 
     /// Every reason a call site counts is one that is registered at start-up,
     /// so no series appears only after its first event.
