@@ -551,6 +551,8 @@ pub async fn run_queue_member(attach: Arc<Attach>, client: async_nats::Client, r
     let r = attach.bridge.routes.get(route).clone();
     let subject = r.subject.as_str().to_string();
     let group = r.queue_group.clone().unwrap_or_default();
+    let member = metrics::gauge!(telemetry::QUEUE_MEMBER, "route" => r.name.clone());
+    member.set(0.0);
     let mut epoch = attach.bridge.membership.subscribe();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut sub: Option<async_nats::Subscriber> = None;
@@ -559,20 +561,28 @@ pub async fn run_queue_member(attach: Arc<Attach>, client: async_nats::Client, r
         if want && sub.is_none() {
             match client.queue_subscribe(subject.clone(), group.clone()).await {
                 Ok(s) => {
+                    // The server knows the interest once the flush returns.
                     let _ = client.flush().await;
                     sub = Some(s);
+                    member.set(1.0);
                     tracing::info!(%subject, %group, "joined the queue group for trade-feed's consumers");
                 }
                 Err(e) => tracing::warn!(%subject, "cannot join the queue group: {e}"),
             }
         } else if !want {
             if let Some(mut s) = sub.take() {
-                let _ = s.unsubscribe().await;
-                tracing::info!(%subject, %group, "left the queue group");
-                // Messages already given to this member still go to trade-feed.
-                while let Some(Some(msg)) = s.next().now_or_never() {
+                // Drain rather than unsubscribe: the messages the server
+                // already sent this member still arrive, and still go to
+                // trade-feed (an unsubscribe would drop them on arrival).
+                if let Err(e) = s.drain().await {
+                    tracing::warn!("draining the queue subscription failed: {e}");
+                }
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+                while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, s.next()).await {
                     attach.take_queued(&msg, route).await;
                 }
+                member.set(0.0);
+                tracing::info!(%subject, %group, "left the queue group");
             }
         }
         tokio::select! {
@@ -585,7 +595,10 @@ pub async fn run_queue_member(attach: Arc<Attach>, client: async_nats::Client, r
                 }
             } => match msg {
                 Some(msg) => attach.take_queued(&msg, route).await,
-                None => sub = None,
+                None => {
+                    sub = None;
+                    member.set(0.0);
+                }
             },
         }
     }
@@ -627,9 +640,11 @@ pub async fn subscribe_nats(attach: Arc<Attach>, client: async_nats::Client) -> 
                     continue;
                 }
                 let mut pending = None;
-                attach.bridge.nats_to_legacy(&msg, &serves, |route, topic, env| {
-                    pending = Some(pending_from(route, topic, env));
-                });
+                attach
+                    .bridge
+                    .nats_to_legacy(&msg, &serves, |route, topic, env| {
+                        pending = Some(pending_from(route, topic, env));
+                    });
                 if let Some(p) = pending {
                     attach.to_upstream(p).await;
                 }

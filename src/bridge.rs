@@ -92,6 +92,10 @@ pub struct Bridge {
     /// Bumped whenever a legacy client joins or leaves a room, so the
     /// point-to-point members can follow their rooms.
     pub membership: tokio::sync::watch::Sender<u64>,
+    /// Held while a point-to-point message is handed to a legacy room and
+    /// while a client joins or leaves a room, so a message reaches a leaving
+    /// consumer before its leave notice or not at all.
+    pub rooms: Mutex<()>,
     attach: OnceLock<Arc<crate::attach::Attach>>,
 }
 
@@ -135,6 +139,7 @@ impl Bridge {
             shutting_down: AtomicBool::new(false),
             last_legacy_activity_ms: AtomicU64::new(0),
             membership: tokio::sync::watch::channel(0).0,
+            rooms: Mutex::new(()),
             attach: OnceLock::new(),
         })
     }
@@ -411,13 +416,8 @@ impl Bridge {
         self.convert_nats(msg, &[route], true, deliver)
     }
 
-    fn convert_nats<F>(
-        &self,
-        msg: &async_nats::Message,
-        serves: &[usize],
-        own_ok: bool,
-        deliver: F,
-    ) where
+    fn convert_nats<F>(&self, msg: &async_nats::Message, serves: &[usize], own_ok: bool, deliver: F)
+    where
         F: FnOnce(usize, &str, &EnvelopeOut<'_>),
     {
         let Some(mapped) = self.routes.to_topic(msg.subject.as_str()) else {

@@ -1,0 +1,661 @@
+//! The staged cutover, proven end to end with the TraderX role simulators of
+//! `sim/` (trade-service, trade-processor, UI): every mix of legacy and NATS
+//! participants, in server mode and in attach mode, live switches (and
+//! rollbacks) of each participant while orders flow, and a legacy and a NATS
+//! processor at once. Every run ends with the same checks:
+//!
+//! - every order booked exactly once, none unknown, none arriving late;
+//! - every screen's blotter equal to the processor's positions and trades for
+//!   its account, no message seen twice;
+//! - the bridge's own counters (`/metrics`) equal to what the simulators saw.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const ORDERS: u64 = 1000;
+/// Orders per second and trade-service: brisk, as a busy trading day.
+const RATE: u64 = 500;
+/// How long every participant must stay quiet at the end (a late double).
+const QUIET: Duration = Duration::from_millis(400);
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+const R_ORDERS: &str = "trade-orders";
+const R_TRADES: &str = "account-trades";
+const R_POSITIONS: &str = "account-positions";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Bus {
+    Legacy,
+    Nats,
+}
+
+impl Bus {
+    fn name(self) -> &'static str {
+        match self {
+            Bus::Legacy => "legacy",
+            Bus::Nats => "nats",
+        }
+    }
+}
+
+use Bus::{Legacy, Nats as NatsBus};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Server,
+    Attach,
+}
+
+// ------------------------------------------------------------------ the stage
+
+/// NATS, the bridge and (attach mode) the legacy Node hub as trade-feed.
+struct Stage {
+    mode: Mode,
+    nats: Nats,
+    hub: Option<Hub>,
+    bridge: Bridge,
+}
+
+impl Stage {
+    fn start(mode: Mode, legacy_consumers: bool) -> Stage {
+        let nats = Nats::start();
+        match mode {
+            Mode::Server => {
+                let bridge = Bridge::start(&nats);
+                Stage {
+                    mode,
+                    nats,
+                    hub: None,
+                    bridge,
+                }
+            }
+            Mode::Attach => {
+                let hub = Hub::start();
+                let bridge = Bridge::start_opts(
+                    &nats,
+                    BridgeOpts {
+                        env: vec![
+                            ("TRADEFEED_BRIDGE_MODE", "attach".into()),
+                            ("TRADEFEED_BRIDGE_ATTACH__URL", hub.url()),
+                            ("TRADEFEED_BRIDGE_ATTACH__LEASE", "false".into()),
+                            (
+                                "TRADEFEED_BRIDGE_ATTACH__LEGACY_CONSUMERS",
+                                format!("{{{R_ORDERS}={legacy_consumers}}}"),
+                            ),
+                        ],
+                        ..Default::default()
+                    },
+                );
+                Stage {
+                    mode,
+                    nats,
+                    hub: Some(hub),
+                    bridge,
+                }
+            }
+        }
+    }
+
+    /// Where legacy clients connect: the bridge (server mode) or trade-feed.
+    fn legacy_url(&self) -> String {
+        match &self.hub {
+            Some(h) => h.url(),
+            None => self.bridge.url(),
+        }
+    }
+
+    fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.bridge.admin_port)
+    }
+
+    fn sim(&self, role: &str, name: &str, extra: &[&str]) -> Sim {
+        let mut cmd = Command::new("node");
+        cmd.arg(root().join(format!("sim/{role}.js")))
+            .args(["--legacy-url", &self.legacy_url()])
+            .args(["--nats-url", &self.nats.url()])
+            .args(extra);
+        Sim(Agent::program(name, cmd))
+    }
+
+    /// Waits until the bridge is, or is not, in the orders' queue group.
+    fn wait_member(&self, member: bool) {
+        let want = if member { 1.0 } else { 0.0 };
+        let deadline = Instant::now() + WAIT;
+        while self
+            .bridge
+            .metric("tradefeed_bridge_queue_member", &[("route", R_ORDERS)])
+            != want
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the bridge did not {} the queue group; log:\n{}",
+                if member { "join" } else { "leave" },
+                self.bridge.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A simulator process (JSON lines on stdin/stdout, sim/README.md).
+struct Sim(Agent);
+
+impl Sim {
+    fn send(&self, cmd: Value) -> u64 {
+        self.0.send(cmd)
+    }
+
+    fn result(&self, seq: u64, timeout: Duration) -> Value {
+        let ev = self.0.expect(&format!("reply {seq}"), timeout, |e| {
+            e["seq"] == json!(seq) && (e["ev"] == "ok" || e["ev"] == "error")
+        });
+        assert_eq!(ev["ev"], "ok", "{}: {ev}", self.0.name);
+        ev
+    }
+
+    fn call(&self, cmd: Value) -> Value {
+        let seq = self.send(cmd);
+        self.result(seq, RUN_TIMEOUT)
+    }
+
+    fn report(&self) -> Value {
+        self.call(json!({"cmd": "report"}))["report"].clone()
+    }
+}
+
+// ------------------------------------------------------------------ the plan
+
+#[derive(Clone, Copy, Debug)]
+enum Switch {
+    /// The processor moves once this many orders are booked.
+    Processor { after: u64, from: Bus, to: Bus },
+    /// Every screen moves once this many orders are booked.
+    Ui { after: u64, to: Bus },
+}
+
+struct Plan {
+    mode: Mode,
+    /// One trade-service per entry: its bus and where it switches (after
+    /// how many of its orders, to which bus).
+    services: Vec<(Bus, Vec<(u64, Bus)>)>,
+    /// The processor's consumers at the start (two: both at once).
+    processor: Vec<Bus>,
+    ui: Bus,
+    switches: Vec<Switch>,
+}
+
+impl Plan {
+    fn fixed(mode: Mode, service: Bus, processor: Bus, ui: Bus) -> Plan {
+        Plan {
+            mode,
+            services: vec![(service, vec![])],
+            processor: vec![processor],
+            ui,
+            switches: vec![],
+        }
+    }
+}
+
+/// What a run measured, for the printed summary.
+#[derive(Default, Debug)]
+struct Outcome {
+    took: Duration,
+    orders: u64,
+    booked_legacy: u64,
+    booked_nats: u64,
+    requeued: f64,
+    latency_ms: Vec<f64>,
+    switches: Vec<Value>,
+    stale: u64,
+    overlap_discarded: u64,
+}
+
+impl Outcome {
+    fn percentile(&self, p: f64) -> f64 {
+        let mut v = self.latency_ms.clone();
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        if v.is_empty() {
+            return 0.0;
+        }
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    }
+}
+
+fn run(plan: Plan) -> Outcome {
+    let started = Instant::now();
+    let stage = Stage::start(plan.mode, plan.processor.contains(&Legacy));
+    let mode = match plan.mode {
+        Mode::Server => "server",
+        Mode::Attach => "attach",
+    };
+    let admin = stage.admin_url();
+    let ui = stage.sim("ui", "ui", &[]);
+    ui.call(json!({"cmd": "start", "bus": plan.ui.name()}));
+    let processor = stage.sim(
+        "trade-processor",
+        "trade-processor",
+        &["--admin-url", &admin, "--mode", mode],
+    );
+    for b in &plan.processor {
+        processor.call(json!({"cmd": "add", "bus": b.name()}));
+    }
+    // The bridge competes in the queue group for legacy consumers: in server
+    // mode once it sees the room's first member, in attach mode as declared.
+    stage.wait_member(plan.processor.contains(&Legacy));
+
+    let services: Vec<(Sim, u64)> = plan
+        .services
+        .iter()
+        .enumerate()
+        .map(|(i, (bus, switch_at))| {
+            let id = format!("{}", (b'A' + i as u8) as char);
+            let s = stage.sim(
+                "trade-service",
+                &format!("trade-service-{id}"),
+                &["--run-id", &id, "--seed", &(i + 1).to_string()],
+            );
+            s.call(json!({"cmd": "start", "bus": bus.name()}));
+            let at: Vec<Value> = switch_at
+                .iter()
+                .map(|(n, to)| json!({"n": n, "to": to.name()}))
+                .collect();
+            let seq = s.send(json!({"cmd": "run", "count": ORDERS, "rate": RATE, "switch_at": at}));
+            (s, seq)
+        })
+        .collect();
+    let total = ORDERS * services.len() as u64;
+
+    let mut switched = Vec::new();
+    for sw in &plan.switches {
+        match *sw {
+            Switch::Processor { after, from, to } => {
+                processor.call(json!({"cmd": "wait", "booked": after, "timeout_ms": 30000}));
+                let r =
+                    processor.call(json!({"cmd": "switch", "from": from.name(), "to": to.name()}));
+                switched.push(json!({"participant": "trade-processor", "result": r}));
+            }
+            Switch::Ui { after, to } => {
+                processor.call(json!({"cmd": "wait", "booked": after, "timeout_ms": 30000}));
+                let r = ui.call(json!({"cmd": "switch", "to": to.name()}));
+                switched.push(json!({"participant": "ui", "result": r}));
+            }
+        }
+    }
+    for (s, seq) in &services {
+        s.result(*seq, RUN_TIMEOUT);
+    }
+    processor.call(json!({"cmd": "wait", "booked": total, "timeout_ms": 30000}));
+    processor.call(json!({"cmd": "settle"}));
+    let p = processor.report();
+    let mut expect = serde_json::Map::new();
+    for (account, ids) in p["trades"].as_object().unwrap() {
+        let n = ids.as_array().unwrap().len();
+        expect.insert(account.clone(), json!({"trades": n, "positions": n}));
+    }
+    ui.call(json!({"cmd": "wait", "expect": expect, "timeout_ms": 30000}));
+    // Every participant stays quiet for a moment: a late double shows here.
+    std::thread::sleep(QUIET);
+
+    let svc: Vec<Value> = services.iter().map(|(s, _)| s.report()).collect();
+    let p = processor.report();
+    let u = ui.report();
+    let metrics = stage.bridge.admin("/metrics").1;
+    let mut out = Outcome {
+        took: started.elapsed(),
+        orders: total,
+        switches: switched,
+        ..Default::default()
+    };
+    let problems = verify(&plan, &svc, &p, &u, &metrics, &mut out);
+    let summary = summary(&plan, &out);
+    println!("{summary}");
+    assert!(
+        problems.is_empty(),
+        "{summary}\n{} mismatch(es):\n  {}\nbridge log (tail):\n{}",
+        problems.len(),
+        problems.join("\n  "),
+        tail(&stage.bridge.log(), 40)
+    );
+    out
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn summary(plan: &Plan, o: &Outcome) -> String {
+    let services: Vec<&str> = plan.services.iter().map(|(b, _)| b.name()).collect();
+    let processors: Vec<&str> = plan.processor.iter().map(|b| b.name()).collect();
+    let mut s = format!(
+        "cutover {:?} service={} processor={} ui={}: {} orders in {:.2} s; booked legacy {} / nats {}; \
+         requeued {}; publish-to-book latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
+         stale positions ignored {}; overlap copies discarded {}",
+        plan.mode,
+        services.join("+"),
+        processors.join("+"),
+        plan.ui.name(),
+        o.orders,
+        o.took.as_secs_f64(),
+        o.booked_legacy,
+        o.booked_nats,
+        o.requeued,
+        o.percentile(0.5),
+        o.percentile(0.99),
+        o.percentile(1.0),
+        o.stale,
+        o.overlap_discarded,
+    );
+    for sw in &o.switches {
+        s.push_str(&format!("\n  switch {}: {}", sw["participant"], {
+            let mut r = sw["result"].clone();
+            if let Some(m) = r.as_object_mut() {
+                m.remove("ev");
+                m.remove("seq");
+                m.remove("t");
+            }
+            r
+        }));
+    }
+    s
+}
+
+// ------------------------------------------------------------------ the checks
+
+fn n(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// Compares what every participant saw, and the bridge's counters, with
+/// what must hold; returns the mismatches.
+fn verify(
+    plan: &Plan,
+    services: &[Value],
+    p: &Value,
+    ui: &Value,
+    metrics: &str,
+    out: &mut Outcome,
+) -> Vec<String> {
+    let mut bad = Vec::new();
+    // --- every order booked exactly once
+    let booked = p["orders"].as_object().cloned().unwrap_or_default();
+    let mut sent_by = BTreeMap::new();
+    for s in services {
+        if n(&s["sent"]) != ORDERS {
+            bad.push(format!(
+                "a trade-service sent {} orders, not {ORDERS}",
+                s["sent"]
+            ));
+        }
+        if !s["unconsumed"].as_object().is_none_or(|m| m.is_empty()) {
+            bad.push(format!(
+                "the NATS server found no consumer for {} orders: {}",
+                s["unconsumed"].as_object().unwrap().len(),
+                s["unconsumed"]
+            ));
+        }
+        for (id, v) in s["orders"].as_object().unwrap() {
+            sent_by.insert(
+                id.clone(),
+                (v[0].as_str().unwrap().to_string(), v[1].as_f64().unwrap()),
+            );
+        }
+    }
+    let mut lost = Vec::new();
+    let mut doubled = Vec::new();
+    for (id, (_, t)) in &sent_by {
+        match booked.get(id).and_then(Value::as_array) {
+            None => lost.push(id.clone()),
+            Some(b) if b.len() != 1 => doubled.push(format!("{id} x{}", b.len())),
+            Some(b) => out.latency_ms.push(b[0][1].as_f64().unwrap() - t),
+        }
+    }
+    if !lost.is_empty() {
+        bad.push(format!(
+            "{} orders never booked: {:?}",
+            lost.len(),
+            &lost[..lost.len().min(10)]
+        ));
+    }
+    if !doubled.is_empty() {
+        bad.push(format!(
+            "{} orders booked more than once: {:?}",
+            doubled.len(),
+            &doubled[..doubled.len().min(10)]
+        ));
+    }
+    let unknown: Vec<&String> = booked
+        .keys()
+        .filter(|id| !sent_by.contains_key(*id))
+        .collect();
+    if !unknown.is_empty() {
+        bad.push(format!(
+            "{} booked orders nobody sent: {unknown:?}",
+            unknown.len()
+        ));
+    }
+    for key in ["ignored", "late"] {
+        if n(&p[key]) != 0 {
+            bad.push(format!("trade-processor: {key} = {}", p[key]));
+        }
+    }
+    out.booked_legacy = n(&p["booked_by_bus"]["legacy"]);
+    out.booked_nats = n(&p["booked_by_bus"]["nats"]);
+
+    // --- every screen equal to the processor's book
+    let single_path = plan.processor.len() == 1
+        && !plan
+            .switches
+            .iter()
+            .any(|s| matches!(s, Switch::Processor { .. }));
+    for screen in ui["screens"].as_array().unwrap() {
+        let a = screen["account"].to_string();
+        let book = &p["positions"][&a];
+        let shown = &screen["positions"];
+        if book.as_object().map(|b| b.len()) != shown.as_object().map(|s| s.len()) {
+            bad.push(format!("account {a}: blotter {shown} != book {book}"));
+        } else {
+            for (security, pos) in book.as_object().unwrap() {
+                if shown[security]["quantity"] != pos["quantity"]
+                    || shown[security]["updated"] != pos["updated"]
+                {
+                    bad.push(format!(
+                        "account {a} {security}: blotter {} != book {pos}",
+                        shown[security]
+                    ));
+                }
+            }
+        }
+        let want: HashSet<&str> = p["trades"][&a]
+            .as_array()
+            .map(|v| v.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let got: HashSet<&str> = screen["trades"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        if want != got {
+            bad.push(format!(
+                "account {a}: {} trades on screen, {} booked, {} missing, {} unknown",
+                got.len(),
+                want.len(),
+                want.difference(&got).count(),
+                got.difference(&want).count()
+            ));
+        }
+        if let Some(d) = screen["duplicates"].as_array().filter(|d| !d.is_empty()) {
+            bad.push(format!(
+                "account {a}: {} messages seen twice: {:?}",
+                d.len(),
+                &d[..d.len().min(5)]
+            ));
+        }
+        if n(&screen["foreign"]) != 0 {
+            bad.push(format!(
+                "account {a}: {} foreign messages",
+                screen["foreign"]
+            ));
+        }
+        out.stale += n(&screen["stale"]);
+        out.overlap_discarded += n(&screen["overlap_discarded"]);
+    }
+    if single_path && out.stale != 0 {
+        bad.push(format!(
+            "{} position updates arrived out of order from a single processor",
+            out.stale
+        ));
+    }
+
+    // --- the bridge's counters equal what the simulators saw
+    let m = |name: &str, labels: &[(&str, &str)]| metric_value(metrics, name, labels);
+    let fwd = |route: &str, dir: &str| {
+        m(
+            "tradefeed_bridge_messages_forwarded_total",
+            &[("route", route), ("direction", dir)],
+        )
+    };
+    let mut legacy_to_nats = 0u64; // legacy orders a NATS consumer booked
+    let mut nats_to_legacy = 0u64; // NATS orders the legacy consumer booked
+    let mut legacy_to_legacy = 0u64;
+    let mut from_legacy = 0u64;
+    for (id, (sent, _)) in &sent_by {
+        let Some(by) = booked.get(id).and_then(|b| b[0][0].as_str()) else {
+            continue;
+        };
+        match (sent.as_str(), by) {
+            ("legacy", "nats") => legacy_to_nats += 1,
+            ("nats", "legacy") => nats_to_legacy += 1,
+            ("legacy", "legacy") => legacy_to_legacy += 1,
+            _ => {}
+        }
+        if sent == "legacy" {
+            from_legacy += 1;
+        }
+    }
+    let mut expect: Vec<(String, f64, f64)> = Vec::new();
+    match plan.mode {
+        Mode::Server => {
+            // Every legacy order goes to NATS; every order the legacy
+            // consumer books comes from the bridge's queue member.
+            expect.push((
+                format!("forwarded {R_ORDERS} to_nats"),
+                fwd(R_ORDERS, "to_nats"),
+                from_legacy as f64,
+            ));
+            expect.push((
+                format!("forwarded {R_ORDERS} to_socketio"),
+                fwd(R_ORDERS, "to_socketio"),
+                (legacy_to_legacy + nats_to_legacy) as f64,
+            ));
+        }
+        Mode::Attach => {
+            // trade-feed hands legacy orders to its own consumers; the bridge
+            // carries only what crosses.
+            expect.push((
+                format!("forwarded {R_ORDERS} to_nats"),
+                fwd(R_ORDERS, "to_nats"),
+                legacy_to_nats as f64,
+            ));
+            expect.push((
+                format!("forwarded {R_ORDERS} to_socketio"),
+                fwd(R_ORDERS, "to_socketio"),
+                nats_to_legacy as f64,
+            ));
+            expect.push((
+                "suppressed consumed_on_trade_feed".into(),
+                m(
+                    "tradefeed_bridge_messages_suppressed_total",
+                    &[("route", R_ORDERS), ("reason", "consumed_on_trade_feed")],
+                ),
+                legacy_to_legacy as f64,
+            ));
+        }
+    }
+    for (route, key) in [(R_TRADES, "trades"), (R_POSITIONS, "positions")] {
+        expect.push((
+            format!("forwarded {route} to_nats"),
+            fwd(route, "to_nats"),
+            n(&p["published"]["legacy"][key]) as f64,
+        ));
+        expect.push((
+            format!("forwarded {route} to_socketio"),
+            fwd(route, "to_socketio"),
+            n(&p["published"]["nats"][key]) as f64,
+        ));
+    }
+    if plan.mode == Mode::Attach {
+        // trade-feed sends the bridge each of its own publishes back once.
+        let to_legacy: f64 = [R_ORDERS, R_TRADES, R_POSITIONS]
+            .iter()
+            .map(|r| fwd(r, "to_socketio"))
+            .sum();
+        expect.push((
+            "own echoes suppressed".into(),
+            m(
+                "tradefeed_bridge_messages_suppressed_total",
+                &[("direction", "to_nats"), ("reason", "own_echo")],
+            ) + m(
+                "tradefeed_bridge_messages_suppressed_total",
+                &[("direction", "to_nats"), ("reason", "own_echo_id")],
+            ),
+            to_legacy,
+        ));
+    }
+    expect.push((
+        "dropped (any reason)".into(),
+        m("tradefeed_bridge_messages_dropped_total", &[]),
+        0.0,
+    ));
+    expect.push((
+        "rejected (any reason)".into(),
+        m("tradefeed_bridge_messages_rejected_total", &[]),
+        0.0,
+    ));
+    for (what, got, want) in expect {
+        if got != want {
+            bad.push(format!(
+                "bridge counter {what} = {got}, the simulators saw {want}"
+            ));
+        }
+    }
+    out.requeued = m("tradefeed_bridge_messages_requeued_total", &[]);
+    bad
+}
+
+// ------------------------------------------------------------------ the matrix
+
+macro_rules! matrix {
+    ($($name:ident: $mode:expr, $service:expr, $processor:expr, $ui:expr;)*) => {$(
+        #[test]
+        fn $name() {
+            run(Plan::fixed($mode, $service, $processor, $ui));
+        }
+    )*};
+}
+
+matrix! {
+    server_legacy_legacy_legacy: Mode::Server, Legacy, Legacy, Legacy;
+    server_nats_legacy_legacy: Mode::Server, NatsBus, Legacy, Legacy;
+    server_legacy_nats_legacy: Mode::Server, Legacy, NatsBus, Legacy;
+    server_nats_nats_legacy: Mode::Server, NatsBus, NatsBus, Legacy;
+    server_legacy_legacy_nats: Mode::Server, Legacy, Legacy, NatsBus;
+    server_nats_legacy_nats: Mode::Server, NatsBus, Legacy, NatsBus;
+    server_legacy_nats_nats: Mode::Server, Legacy, NatsBus, NatsBus;
+    server_nats_nats_nats: Mode::Server, NatsBus, NatsBus, NatsBus;
+    attach_legacy_legacy_legacy: Mode::Attach, Legacy, Legacy, Legacy;
+    attach_nats_legacy_legacy: Mode::Attach, NatsBus, Legacy, Legacy;
+    attach_legacy_nats_legacy: Mode::Attach, Legacy, NatsBus, Legacy;
+    attach_nats_nats_legacy: Mode::Attach, NatsBus, NatsBus, Legacy;
+    attach_legacy_legacy_nats: Mode::Attach, Legacy, Legacy, NatsBus;
+    attach_nats_legacy_nats: Mode::Attach, NatsBus, Legacy, NatsBus;
+    attach_legacy_nats_nats: Mode::Attach, Legacy, NatsBus, NatsBus;
+    attach_nats_nats_nats: Mode::Attach, NatsBus, NatsBus, NatsBus;
+}
