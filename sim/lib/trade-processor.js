@@ -147,7 +147,7 @@ class TradeProcessor {
       legacy: this.bookedBy.legacy - booked0.legacy,
       nats: this.bookedBy.nats - booked0.nats,
     };
-    const s = { from, to, at_booked: this.count, took_ms: took, steps, booked_during: during };
+    const s = { from, to, at_booked: this.count, started_at: Math.round(t0), took_ms: took, steps, booked_during: during };
     this.switches.push(s);
     return s;
   }

@@ -160,8 +160,9 @@ class TradeService {
       await nc.drain();
     }
     const took = Math.round((c.now() - t0) * 10) / 10;
-    this.switches.push({ from, to, at_order: this.next, took_ms: took });
-    return { took_ms: took };
+    const sw = { from, to, at_order: this.next, started_at: Math.round(t0), took_ms: took };
+    this.switches.push(sw);
+    return sw;
   }
 
   report() {

@@ -7,8 +7,18 @@
 // A message is identified by its trade id, or for a Position by security and
 // `updated` (the processor stamps `updated` strictly increasing per account
 // and security). A second copy is a duplicate, except while the screen moves
-// from one bus to the other: it then listens on both for a moment (new one
-// first, so nothing falls in between) and drops the copies, counted as
+// from one bus to the other, which it does without losing or doubling an
+// update:
+// 1. subscribe on the new bus (the old one stays);
+// 2. keep both until each stream (trades, positions) has shown one message
+//    on both buses: the two paths differ in delay (the bridge's path is the
+//    slower one), and a message seen on both means the slower path has
+//    caught up, so what is still in flight on the old path is also on the
+//    new one. A stream with no message for `syncQuietMs` has nothing in
+//    flight (bounded wait);
+// 3. leave the old bus (legacy: unsubscribe and wait for the leave notices;
+//    NATS: drain), then drop its connection.
+// Copies seen on both buses meanwhile are dropped, counted as
 // `overlap_discarded`.
 'use strict';
 
@@ -27,6 +37,9 @@ class Screen {
     this.duplicates = [];
     this.overlap = false;
     this.overlapDiscarded = 0;
+    this.firstFrom = new Map(); // message identity -> bus it came on first (while switching)
+    this.synced = null; // while switching: stream -> how it caught up
+    this.lastAt = { trades: 0, positions: 0 }; // last message time per stream
     this.stale = 0; // positions older than the row they would replace
     this.foreign = 0; // messages for another account, or not of the expected shape
   }
@@ -86,12 +99,17 @@ class Screen {
     if (type === 'Trade' && typeof p.id === 'string') key = `T:${p.id}`;
     else if (type === 'Position' && typeof p.security === 'string') key = `P:${p.security}@${p.updated}`;
     else return void this.foreign++;
+    const stream = type === 'Trade' ? 'trades' : 'positions';
+    this.lastAt[stream] = Date.now();
     if (this.seen.has(key)) {
-      if (this.overlap) this.overlapDiscarded++;
-      else this.duplicates.push(key);
+      if (this.overlap) {
+        this.overlapDiscarded++;
+        if (this.synced && !this.synced[stream] && this.firstFrom.get(key) !== bus) this.synced[stream] = 'message';
+      } else this.duplicates.push(key);
       return;
     }
     this.seen.add(key);
+    if (this.overlap) this.firstFrom.set(key, bus);
     if (type === 'Trade') this.trades.add(p.id);
     else {
       const row = this.positions[p.security];
@@ -103,12 +121,25 @@ class Screen {
 
   async switchTo(to) {
     const from = this.bus;
-    if (from === to) return;
+    if (from === to) return null;
     this.overlap = true;
+    this.synced = { trades: null, positions: null };
+    const t0 = Date.now();
     await this.open(to);
     this.bus = to;
+    const quiet = this.ui.o.syncQuietMs;
+    await c.until('both buses to carry the same update', () => {
+      for (const st of ['trades', 'positions']) {
+        if (!this.synced[st] && Date.now() - Math.max(this.lastAt[st], t0) >= quiet) this.synced[st] = 'quiet';
+      }
+      return this.synced.trades && this.synced.positions;
+    }, 30000, 2);
+    const synced = this.synced;
     await this.closeBus(from);
     this.overlap = false;
+    this.synced = null;
+    this.firstFrom.clear();
+    return synced;
   }
 
   report() {
@@ -130,7 +161,7 @@ class Screen {
 class Ui {
   /** opts: legacyUrl, legacyPath, natsUrl, subjectMap, accounts (list). */
   constructor(opts) {
-    this.o = { legacyPath: '/socket.io', subjectMap: 'spec', accounts: c.ACCOUNTS, ...opts };
+    this.o = { legacyPath: '/socket.io', subjectMap: 'spec', accounts: c.ACCOUNTS, syncQuietMs: 1000, ...opts };
     this.s = c.subjects(this.o.subjectMap);
     this.screens = this.o.accounts.map((a) => new Screen(Number(a), this));
     this.waiters = [];
@@ -144,15 +175,20 @@ class Ui {
     }));
   }
 
-  /** Every screen moves to `to`, one after the other, while updates flow. */
+  /** Every screen moves to `to` (each on its own, as browsers do) while updates flow. */
   async switchTo(to) {
     const t0 = c.now();
     const from = this.screens[0].bus;
     const discarded0 = this.screens.reduce((n, s) => n + s.overlapDiscarded, 0);
-    for (const s of this.screens) await s.switchTo(to);
+    const synced = {};
+    await Promise.all(this.screens.map(async (s) => {
+      synced[s.account] = await s.switchTo(to);
+    }));
     const sw = {
       from,
       to,
+      synced,
+      started_at: Math.round(t0),
       took_ms: Math.round((c.now() - t0) * 10) / 10,
       overlap_discarded: this.screens.reduce((n, s) => n + s.overlapDiscarded, 0) - discarded0,
     };
