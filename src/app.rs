@@ -138,9 +138,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: refusing new clients, draining in-flight messages");
     bridge.shutting_down.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
-    if let Some(io) = bridge.io() {
-        io.close().await;
-    }
+    // Legacy clients are not sent a WebSocket close frame: io.socket (the
+    // Java client TraderX uses) does not notice one until its ping timeout
+    // (45 s), while it sees a closed TCP connection at once and reconnects.
+    // The connections drop when the process exits, as with trade-feed.
     let deadline = Instant::now() + bridge.config.drain_timeout;
     while bridge.pending_to_nats() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;

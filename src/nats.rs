@@ -96,7 +96,9 @@ pub fn backoff(attempts: usize, max: Duration) -> Duration {
         return Duration::ZERO;
     }
     let exp = (attempts - 2).min(16) as u32;
-    let capped = Duration::from_millis(100).saturating_mul(1u32 << exp).min(max);
+    let capped = Duration::from_millis(100)
+        .saturating_mul(1u32 << exp)
+        .min(max);
     capped.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 

@@ -184,6 +184,11 @@ impl ConnectHandler<LocalAdapter, Hub> for Hub {
         s: Arc<Socket<LocalAdapter>>,
         _auth: &'a Option<Value>,
     ) -> MiddlewareFuture<'a> {
+        if self.0.shutting_down.load(Ordering::Relaxed) {
+            return Box::pin(async {
+                Err(Box::new("the bridge is shutting down") as Box<dyn std::fmt::Display + Send>)
+            });
+        }
         let socket = SocketRef::from(s);
         socket.on("subscribe", Event(self.0.clone(), Kind::Subscribe));
         socket.on("unsubscribe", Event(self.0.clone(), Kind::Unsubscribe));
@@ -753,11 +758,14 @@ pub async fn watch_idle_clients(bridge: Arc<Bridge>) {
         let mut idle = 0u32;
         let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
         for c in clients.values_mut() {
+            // A client that publishes without subscribing (trade-service) is
+            // doing its job; one that does neither is the deaf subscriber.
             if c.topics.is_empty()
+                && c.published.is_empty()
                 && now.saturating_sub(c.connected_at_ms) >= after.as_millis() as u64
             {
                 idle += 1;
-                if !c.warned_unsubscribed && c.published.is_empty() {
+                if !c.warned_unsubscribed {
                     c.warned_unsubscribed = true;
                     tracing::warn!(
                         id = %c.id,

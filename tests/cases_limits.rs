@@ -613,12 +613,18 @@ fn b23_emit_right_after_connect() {
         let mut got = 0;
         while got < ITERATIONS {
             let left = deadline.saturating_duration_since(Instant::now());
-            let Some(e) = processor.try_expect(left, mine) else { break };
-            *seen.entry(e["args"][0]["payload"]["i"].as_u64().unwrap()).or_default() += 1;
+            let Some(e) = processor.try_expect(left, mine) else {
+                break;
+            };
+            *seen
+                .entry(e["args"][0]["payload"]["i"].as_u64().unwrap())
+                .or_default() += 1;
             got += 1;
         }
         for e in processor.drain(SHORT, mine) {
-            *seen.entry(e["args"][0]["payload"]["i"].as_u64().unwrap()).or_default() += 1;
+            *seen
+                .entry(e["args"][0]["payload"]["i"].as_u64().unwrap())
+                .or_default() += 1;
         }
         seen
     };
@@ -656,9 +662,16 @@ fn b23_emit_right_after_connect() {
         .map(|i| (i, seen.get(&i).copied().unwrap_or(0)))
         .filter(|(_, n)| *n != 1)
         .collect();
-    assert!(odd.is_empty(), "Node: publishes on NATS not exactly once (index, count): {odd:?}");
+    assert!(
+        odd.is_empty(),
+        "Node: publishes on NATS not exactly once (index, count): {odd:?}"
+    );
     assert_eq!(seen, want, "Node: publishes on NATS (index -> count)");
-    assert_eq!(legacy_indexes("node"), want, "Node: publishes at the legacy /trades consumer");
+    assert_eq!(
+        legacy_indexes("node"),
+        want,
+        "Node: publishes at the legacy /trades consumer"
+    );
     eprintln!(
         "B23 node: {ITERATIONS} iterations in {:?}",
         started.elapsed()
@@ -711,9 +724,16 @@ fn b23_emit_right_after_connect() {
         .map(|i| (i, seen.get(&i).copied().unwrap_or(0)))
         .filter(|(_, n)| *n != 1)
         .collect();
-    assert!(odd.is_empty(), "Python: publishes on NATS not exactly once (index, count): {odd:?}");
+    assert!(
+        odd.is_empty(),
+        "Python: publishes on NATS not exactly once (index, count): {odd:?}"
+    );
     assert_eq!(seen, want, "Python: publishes on NATS (index -> count)");
-    assert_eq!(legacy_indexes("python"), want, "Python: publishes at the legacy /trades consumer");
+    assert_eq!(
+        legacy_indexes("python"),
+        want,
+        "Python: publishes at the legacy /trades consumer"
+    );
     eprintln!(
         "B23 python: {ITERATIONS} iterations in {:?}",
         started.elapsed()

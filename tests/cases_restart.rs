@@ -117,8 +117,7 @@ fn wait_metric(
 fn forwarded_line(log: &str, route: &str) -> Option<String> {
     let tag = format!("route={route} ");
     log.lines()
-        .filter(|l| l.contains("forwarded") && l.contains(&tag))
-        .last()
+        .rfind(|l| l.contains("forwarded") && l.contains(&tag))
         .map(str::to_string)
 }
 
@@ -414,8 +413,14 @@ fn b10_buffered_java_emits_are_published_as_received() {
     let pub_id = reconnected(&publisher);
     publisher.publish("/trades", "TradeOrder", order("T-2"));
 
-    // What the client put on the wire after the restart.
-    let sent = proxy.sent_text();
+    // What the client put on the wire after the restart: the emits go out
+    // once the client is connected again, possibly after its upgrade.
+    let deadline = Instant::now() + WAIT;
+    let mut sent = proxy.sent_text();
+    while !sent.contains("\"T-2\"") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(50));
+        sent = proxy.sent_text();
+    }
     let wire = (
         sent.matches("\"T-1\"").count(),
         sent.matches("\"T-2\"").count(),
@@ -464,12 +469,126 @@ fn b10_buffered_java_emits_are_published_as_received() {
 
 // ------------------------------------------------------------------ two bridges
 
-/// Two bridges on one NATS: legacy publishers on each, legacy subscribers on
-/// each, a NATS publisher and a NATS tap. Every message reaches every
-/// subscriber once and nothing loops between the bridges.
+fn trade(id: &str) -> Value {
+    json!({"id": id, "accountId": 22, "security": "ACME", "side": "Buy", "state": "Settled",
+           "quantity": 100, "created": 1764781234000u64, "updated": 1764781234560u64})
+}
+
+/// `n` ids `prefix-0` .. `prefix-(n-1)`.
+fn series(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+fn only(ids: &[String], prefix: &str) -> Vec<String> {
+    let tag = format!("{prefix}-");
+    ids.iter()
+        .filter(|i| i.starts_with(&tag))
+        .cloned()
+        .collect()
+}
+
+/// The numeric suffixes of `prefix-*` ids, in arrival order.
+fn suffixes(ids: &[String], prefix: &str) -> Vec<usize> {
+    only(ids, prefix)
+        .iter()
+        .filter_map(|i| i.rsplit('-').next()?.parse().ok())
+        .collect()
+}
+
+/// Two bridges on one NATS, on a broadcast route: legacy publishers on each,
+/// legacy subscribers on each, a NATS publisher and a NATS tap. Every message
+/// reaches every subscriber once and nothing loops between the bridges.
 #[test]
 fn two_bridges_on_one_nats_deliver_once_without_loops() {
     const N: usize = 200;
+    const TOPIC: &str = "/accounts/22/trades";
+    const SUBJECT: &str = "trades.account.22.updated";
+    let nats = Nats::start();
+    let b1 = Bridge::start(&nats);
+    let b2 = Bridge::start(&nats);
+    let tap = Agent::nats(Lang::Node);
+    tap.nats_connect(&nats.url());
+    tap.sub("trades", SUBJECT);
+
+    let s1 = Agent::sio(Lang::Java);
+    s1.connect(&b1.url(), json!({}));
+    s1.subscribe(TOPIC);
+    let s2 = Agent::sio(Lang::Node);
+    s2.connect(&b2.url(), json!({}));
+    s2.subscribe(TOPIC);
+    let p1 = Agent::sio(Lang::Java);
+    let p1_id = p1.connect(&b1.url(), json!({}));
+    let p2 = Agent::sio(Lang::Node);
+    let p2_id = p2.connect(&b2.url(), json!({}));
+    let np = Agent::nats(Lang::Python);
+    np.nats_connect(&nats.url());
+
+    for i in 0..N {
+        p1.publish(TOPIC, "Trade", trade(&format!("A-{i}")));
+        p2.publish(TOPIC, "Trade", trade(&format!("B-{i}")));
+        let env = json!({"type": "Trade", "from": "trade-processor", "topic": SUBJECT,
+                         "date": 1764781234567u64, "payload": trade(&format!("C-{i}"))});
+        np.pub_json(SUBJECT, &env);
+    }
+
+    for s in [&s1, &s2] {
+        let got = collect(s, 3 * N, Duration::from_secs(60), |e| e["topic"] == TOPIC);
+        let ids: Vec<String> = got.iter().map(payload_id).collect();
+        assert_eq!(ids.len(), 3 * N, "{}: {} messages", s.name, ids.len());
+        for prefix in ["A", "B", "C"] {
+            assert_eq!(
+                only(&ids, prefix),
+                series(prefix, N),
+                "{}: {prefix}-* once, in order",
+                s.name
+            );
+        }
+        for env in &got {
+            let from = match &payload_id(env)[..1] {
+                "A" => p1_id.as_str(),
+                "B" => p2_id.as_str(),
+                _ => "trade-processor",
+            };
+            assert_eq!(env["from"], from);
+            assert_eq!(env["type"], "Trade");
+        }
+    }
+
+    let msgs = collect_msgs(&tap, "trades", 3 * N, Duration::from_secs(30));
+    let ids: Vec<String> = msgs.iter().map(|m| payload_id(&body(m))).collect();
+    assert_eq!(ids.len(), 3 * N, "{SUBJECT} carried {} messages", ids.len());
+    for prefix in ["A", "B", "C"] {
+        assert_eq!(
+            only(&ids, prefix),
+            series(prefix, N),
+            "{SUBJECT}: {prefix}-*"
+        );
+    }
+
+    // Each bridge sent its own publisher's messages and delivered the other
+    // two series. Its own publishes never come back to it (no_echo), so
+    // there is nothing to suppress.
+    let to_nats = [("route", "account-trades"), ("direction", "to_nats")];
+    let to_sio = [("route", "account-trades"), ("direction", "to_socketio")];
+    for b in [&b1, &b2] {
+        assert_eq!(
+            b.metric("tradefeed_bridge_messages_forwarded_total", &to_nats),
+            N as f64
+        );
+        assert_eq!(
+            b.metric("tradefeed_bridge_messages_forwarded_total", &to_sio),
+            2.0 * N as f64
+        );
+    }
+}
+
+/// Two bridges on one NATS, on the point-to-point route `/trades`: each
+/// bridge's legacy room is one consumer of the queue group, so every order,
+/// from either bridge's legacy publisher or from NATS, reaches exactly one of
+/// the two rooms, once; a plain NATS tap still sees every order once.
+#[test]
+fn two_bridges_on_one_nats_hand_each_order_to_one_room() {
+    const N: usize = 150;
     let nats = Nats::start();
     let b1 = Bridge::start(&nats);
     let b2 = Bridge::start(&nats);
@@ -484,11 +603,19 @@ fn two_bridges_on_one_nats_deliver_once_without_loops() {
     s2.connect(&b2.url(), json!({}));
     s2.subscribe("/trades");
     let p1 = Agent::sio(Lang::Java);
-    let p1_id = p1.connect(&b1.url(), json!({}));
+    p1.connect(&b1.url(), json!({}));
     let p2 = Agent::sio(Lang::Node);
-    let p2_id = p2.connect(&b2.url(), json!({}));
+    p2.connect(&b2.url(), json!({}));
     let np = Agent::nats(Lang::Python);
     np.nats_connect(&nats.url());
+    // Both bridges must have joined the queue group before the first order.
+    for b in [&b1, &b2] {
+        let deadline = Instant::now() + WAIT;
+        while !b.log().contains("joined the queue group") && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(50));
+        }
+        assert!(b.log().contains("joined the queue group"), "{}", b.log());
+    }
 
     for i in 0..N {
         p1.publish("/trades", "TradeOrder", order(&format!("A-{i}")));
@@ -498,63 +625,56 @@ fn two_bridges_on_one_nats_deliver_once_without_loops() {
         np.pub_json("trades.new", &env);
     }
 
-    let series = |prefix: &str| (0..N).map(|i| format!("{prefix}-{i}")).collect::<Vec<_>>();
-    let only = |ids: &[String], prefix: &str| {
-        ids.iter()
-            .filter(|i| i.starts_with(prefix))
-            .cloned()
-            .collect::<Vec<_>>()
-    };
-    for s in [&s1, &s2] {
-        let got = collect(s, 3 * N, Duration::from_secs(60), |e| {
-            e["topic"] == "/trades"
-        });
-        let ids: Vec<String> = got.iter().map(payload_id).collect();
-        assert_eq!(ids.len(), 3 * N, "{}: {} messages", s.name, ids.len());
+    let msgs = collect_msgs(&tap, "orders", 3 * N, Duration::from_secs(30));
+    let on_nats: Vec<String> = msgs.iter().map(|m| payload_id(&body(m))).collect();
+    assert_eq!(on_nats.len(), 3 * N, "trades.new carried {}", on_nats.len());
+
+    // Wait until the rooms together hold every order, then for extras.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    while got[0].len() + got[1].len() < 3 * N && Instant::now() < deadline {
+        for (k, s) in [&s1, &s2].into_iter().enumerate() {
+            if let Some(e) = s.try_expect(Duration::from_millis(100), |e| {
+                is_data(e) && e["args"][0]["topic"] == "/trades"
+            }) {
+                got[k].push(payload_id(&e["args"][0]));
+            }
+        }
+    }
+    for (k, s) in [&s1, &s2].into_iter().enumerate() {
+        let extra = s.drain(SHORT, |e| is_data(e) && e["args"][0]["topic"] == "/trades");
+        got[k].extend(extra.iter().map(|e| payload_id(&e["args"][0])));
+    }
+    let mut all: Vec<String> = got.concat();
+    all.sort();
+    let mut want: Vec<String> = ["A", "B", "C"].iter().flat_map(|p| series(p, N)).collect();
+    want.sort();
+    assert_eq!(all, want, "every order in exactly one room, once");
+    for (k, ids) in got.iter().enumerate() {
         for prefix in ["A", "B", "C"] {
-            assert_eq!(
-                only(&ids, prefix),
-                series(prefix),
-                "{}: {prefix}-* once, in order",
-                s.name
+            let seq = suffixes(ids, prefix);
+            assert!(
+                seq.windows(2).all(|w| w[0] < w[1]),
+                "room {k}: {prefix}-* out of order: {seq:?}"
             );
         }
-        for env in &got {
-            let from = match &payload_id(env)[..1] {
-                "A" => p1_id.as_str(),
-                "B" => p2_id.as_str(),
-                _ => "trade-service",
-            };
-            assert_eq!(env["from"], from);
-        }
     }
-
-    let msgs = collect_msgs(&tap, "orders", 3 * N, Duration::from_secs(30));
-    let ids: Vec<String> = msgs.iter().map(|m| payload_id(&body(m))).collect();
-    assert_eq!(
-        ids.len(),
-        3 * N,
-        "trades.new carried {} messages",
-        ids.len()
+    eprintln!(
+        "two bridges, one queue group: {} orders to room 1, {} to room 2",
+        got[0].len(),
+        got[1].len()
     );
-    for prefix in ["A", "B", "C"] {
-        assert_eq!(only(&ids, prefix), series(prefix), "trades.new: {prefix}-*");
-    }
 
-    // Each bridge sent its own publisher's messages and delivered the other two series.
     let to_nats = [("route", "trade-orders"), ("direction", "to_nats")];
     let to_sio = [("route", "trade-orders"), ("direction", "to_socketio")];
+    let delivered: f64 = [&b1, &b2]
+        .iter()
+        .map(|b| b.metric("tradefeed_bridge_messages_forwarded_total", &to_sio))
+        .sum();
+    assert_eq!(delivered, 3.0 * N as f64);
     for b in [&b1, &b2] {
         assert_eq!(
             b.metric("tradefeed_bridge_messages_forwarded_total", &to_nats),
-            N as f64
-        );
-        assert_eq!(
-            b.metric("tradefeed_bridge_messages_forwarded_total", &to_sio),
-            2.0 * N as f64
-        );
-        assert_eq!(
-            b.metric("tradefeed_bridge_messages_suppressed_total", &[]),
             N as f64
         );
     }
