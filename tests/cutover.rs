@@ -188,6 +188,9 @@ enum Switch {
     Processor { after: u64, from: Bus, to: Bus },
     /// Every screen moves once this many orders are booked.
     Ui { after: u64, to: Bus },
+    /// The processor's NATS consumer stops once this many orders are booked
+    /// (drained) and starts again after `down`: no consumer exists meanwhile.
+    ProcessorOutage { after: u64, down: Duration },
 }
 
 struct Plan {
@@ -199,6 +202,9 @@ struct Plan {
     processor: Vec<Bus>,
     ui: Bus,
     switches: Vec<Switch>,
+    /// NATS trade-services publish again what the server reports nobody
+    /// consumed (`--retry-unconsumed`).
+    retry_unconsumed: bool,
 }
 
 impl Plan {
@@ -209,6 +215,7 @@ impl Plan {
             processor: vec![processor],
             ui,
             switches: vec![],
+            retry_unconsumed: false,
         }
     }
 }
@@ -227,6 +234,9 @@ struct Outcome {
     switches: Vec<Value>,
     stale: u64,
     overlap_discarded: u64,
+    /// Orders the NATS server reported nobody consumed, and publishes again.
+    unconsumed: u64,
+    retried: u64,
 }
 
 impl Outcome {
@@ -268,11 +278,12 @@ fn run(plan: Plan) -> Outcome {
         .enumerate()
         .map(|(i, (bus, switch_at))| {
             let id = format!("{}", (b'A' + i as u8) as char);
-            let s = stage.sim(
-                "trade-service",
-                &format!("trade-service-{id}"),
-                &["--run-id", &id, "--seed", &(i + 1).to_string()],
-            );
+            let seed = (i + 1).to_string();
+            let mut args = vec!["--run-id", &id, "--seed", &seed];
+            if plan.retry_unconsumed {
+                args.push("--retry-unconsumed");
+            }
+            let s = stage.sim("trade-service", &format!("trade-service-{id}"), &args);
             s.call(json!({"cmd": "start", "bus": bus.name()}));
             let at: Vec<Value> = switch_at
                 .iter()
@@ -292,6 +303,19 @@ fn run(plan: Plan) -> Outcome {
                 let r =
                     processor.call(json!({"cmd": "switch", "from": from.name(), "to": to.name()}));
                 switched.push(json!({"participant": "trade-processor", "result": r}));
+            }
+            Switch::ProcessorOutage { after, down } => {
+                processor.call(json!({"cmd": "wait", "booked": after, "timeout_ms": 30000}));
+                let t0 = Instant::now();
+                processor.call(json!({"cmd": "remove", "bus": "nats"}));
+                // The outage itself, not a wait for something.
+                std::thread::sleep(down);
+                processor.call(json!({"cmd": "add", "bus": "nats"}));
+                switched.push(json!({"participant": "trade-processor outage", "result": {
+                    "took_ms": t0.elapsed().as_secs_f64() * 1000.0,
+                    "started_at": (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap()
+                        - t0.elapsed()).as_secs_f64() * 1000.0,
+                }}));
             }
             Switch::Ui { after, to } => {
                 processor.call(json!({"cmd": "wait", "booked": after, "timeout_ms": 30000}));
@@ -364,7 +388,7 @@ fn summary(plan: &Plan, o: &Outcome) -> String {
     let mut s = format!(
         "cutover {:?} service={} processor={} ui={}: {} orders in {:.2} s; booked legacy {} / nats {}; \
          requeued {}; publish-to-book latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
-         stale positions ignored {}; overlap copies discarded {}",
+         stale positions ignored {}; overlap copies discarded {}; no consumer for {} (published again {})",
         plan.mode,
         services.join("+"),
         processors.join("+"),
@@ -379,6 +403,8 @@ fn summary(plan: &Plan, o: &Outcome) -> String {
         o.percentile(1.0),
         o.stale,
         o.overlap_discarded,
+        o.unconsumed,
+        o.retried,
     );
     for sw in &o.switches {
         let mut r = sw["result"].clone();
@@ -437,7 +463,15 @@ fn verify(
                 s["sent"]
             ));
         }
-        if !s["unconsumed"].as_object().is_none_or(|m| m.is_empty()) {
+        out.unconsumed += s["unconsumed"].as_object().map_or(0, |m| m.len() as u64);
+        out.retried += n(&s["retried"]);
+        if let Some(l) = s["lost"].as_array().filter(|l| !l.is_empty()) {
+            bad.push(format!(
+                "a trade-service gave up on {} orders: {l:?}",
+                l.len()
+            ));
+        }
+        if !plan.retry_unconsumed && !s["unconsumed"].as_object().is_none_or(|m| m.is_empty()) {
             bad.push(format!(
                 "the NATS server found no consumer for {} orders: {}",
                 s["unconsumed"].as_object().unwrap().len(),
@@ -722,6 +756,7 @@ fn service_switch(mode: Mode, processor: Bus, ui: Bus) {
         processor: vec![processor],
         ui,
         switches: vec![],
+        retry_unconsumed: false,
     });
 }
 
@@ -746,6 +781,7 @@ fn processor_switch(mode: Mode, service: Bus, ui: Bus) {
                 to: Legacy,
             },
         ],
+        retry_unconsumed: false,
     });
 }
 
@@ -767,6 +803,7 @@ fn ui_switch(mode: Mode, service: Bus, processor: Bus) {
                 to: Legacy,
             },
         ],
+        retry_unconsumed: false,
     });
     assert_eq!(out.switches.len(), 2);
 }
@@ -820,6 +857,7 @@ fn both_processors(mode: Mode) {
         processor: vec![Legacy, NatsBus],
         ui: NatsBus,
         switches: vec![],
+        retry_unconsumed: false,
     });
     println!(
         "split {:?}: legacy processor booked {} ({:.0} %), NATS processor {} ({:.0} %)",
@@ -995,4 +1033,76 @@ fn smoke_script_documents_its_interface() {
     let (code, text) = smoke(&["--stage", "cutover"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("--stage must be"), "{text}");
+}
+
+// ------------------------------------------------------------------ no consumer anywhere
+
+/// Orders published while no processor exists anywhere: the bridge counts
+/// and logs each legacy one as undeliverable; a NATS one never reaches the
+/// bridge, and only its producer learns of it (the server's "no responders"
+/// answer to its reply subject).
+fn no_processor_anywhere(mode: Mode) {
+    let stage = Stage::start(mode, false);
+    let legacy = stage.sim("trade-service", "trade-service-L", &["--run-id", "L"]);
+    legacy.call(json!({"cmd": "start", "bus": "legacy"}));
+    legacy.call(json!({"cmd": "run", "count": 20, "rate": 200}));
+    let nats = stage.sim("trade-service", "trade-service-N", &["--run-id", "N"]);
+    nats.call(json!({"cmd": "start", "bus": "nats"}));
+    nats.call(json!({"cmd": "run", "count": 20, "rate": 200}));
+    let undeliverable = || {
+        stage.bridge.metric(
+            "tradefeed_bridge_messages_dropped_total",
+            &[("route", R_ORDERS), ("reason", "undeliverable")],
+        )
+    };
+    let deadline = Instant::now() + WAIT;
+    while undeliverable() < 20.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(QUIET);
+    assert_eq!(undeliverable(), 20.0, "{}", stage.bridge.log());
+    assert!(stage.bridge.log().contains("reached no consumer"));
+    let r = nats.report();
+    assert_eq!(r["unconsumed"].as_object().unwrap().len(), 20, "{r}");
+    assert!(r["unconsumed"]
+        .as_object()
+        .unwrap()
+        .values()
+        .all(|v| v == 1));
+    assert_eq!(legacy.report()["unconsumed"], json!({}));
+}
+
+#[test]
+fn server_order_without_any_processor_is_undeliverable() {
+    no_processor_anywhere(Mode::Server);
+}
+
+#[test]
+fn attach_order_without_any_processor_is_undeliverable() {
+    no_processor_anywhere(Mode::Attach);
+}
+
+/// NATS core keeps no history: with every processor gone for a moment, a
+/// NATS order is lost unless its producer publishes it again on the
+/// server's "no responders" answer, which is safe (nobody got it). With
+/// that, a processor outage in the middle of a run loses and doubles
+/// nothing.
+#[test]
+fn nats_producer_retries_through_a_processor_outage() {
+    let out = run(Plan {
+        mode: Mode::Server,
+        services: vec![(NatsBus, vec![])],
+        processor: vec![NatsBus],
+        ui: Legacy,
+        switches: vec![Switch::ProcessorOutage {
+            after: ORDERS / 3,
+            down: Duration::from_millis(300),
+        }],
+        retry_unconsumed: true,
+    });
+    assert!(
+        out.unconsumed > 0,
+        "the outage left no order without a consumer"
+    );
+    assert!(out.retried >= out.unconsumed);
 }

@@ -87,11 +87,17 @@ class TradeService {
       return;
     }
     this.waiting.set(id, first);
-    setTimeout(() => {
+    setTimeout(async () => {
       this.retried++;
       const order = this.orders[n];
-      if (this.bus === 'nats') this.publishOn('nats', order, n);
-      else {
+      if (this.bus === 'nats') {
+        // The server answers "no responders" while it handles the publish,
+        // so before the flush's reply: none by then means a consumer got it.
+        const before = this.unconsumed[id];
+        this.publishOn('nats', order, n);
+        await this.nc.flush();
+        if (this.unconsumed[id] === before) this.waiting.delete(id);
+      } else {
         // moved back to legacy meanwhile: hand it to the hub instead
         this.publishOn('legacy', order, n);
         this.sent[id] = ['legacy', this.sent[id][1]];
