@@ -547,6 +547,11 @@ fn bridge_routes_flags(bridge: &Bridge) -> Vec<AtomicBool> {
 /// Competes in a point-to-point route's queue group while its consumers are
 /// declared to be on trade-feed and this bridge is the active attacher;
 /// what it is given goes to trade-feed (buffered while detached).
+/// `tradefeed_bridge_queue_member{route}` is 1 from the moment the NATS
+/// server knows the membership; after a declaration of absence it turns 0
+/// only once the subscription is drained and everything the group had
+/// already given this member was emitted to trade-feed, so a legacy
+/// processor may then drain itself without missing an order.
 pub async fn run_queue_member(attach: Arc<Attach>, client: async_nats::Client, route: usize) {
     let r = attach.bridge.routes.get(route).clone();
     let subject = r.subject.as_str().to_string();
