@@ -18,8 +18,9 @@
 //    flight (bounded wait);
 // 3. leave the old bus (legacy: unsubscribe and wait for the leave notices;
 //    NATS: drain), then drop its connection.
-// Copies seen on both buses meanwhile are dropped, counted as
-// `overlap_discarded`.
+// A copy of an update on the second bus is dropped, counted as
+// `overlap_discarded`; the slower path may still bring such copies for a
+// moment after the switch. A second copy on the same bus is a duplicate.
 'use strict';
 
 const c = require('./common');
@@ -35,9 +36,10 @@ class Screen {
     this.seen = new Set(); // message identities
     this.received = { legacy: 0, nats: 0 };
     this.duplicates = [];
-    this.overlap = false;
     this.overlapDiscarded = 0;
-    this.firstFrom = new Map(); // message identity -> bus it came on first (while switching)
+    this.sinceSwitch = new Set(); // while switching: identities first seen on the new bus
+    this.firstFrom = new Map(); // message identity -> bus it came on first
+    this.crossed = new Set(); // identities also seen on the other bus
     this.synced = null; // while switching: stream -> how it caught up
     this.lastAt = { trades: 0, positions: 0 }; // last message time per stream
     this.stale = 0; // positions older than the row they would replace
@@ -102,14 +104,24 @@ class Screen {
     const stream = type === 'Trade' ? 'trades' : 'positions';
     this.lastAt[stream] = Date.now();
     if (this.seen.has(key)) {
-      if (this.overlap) {
+      // One copy on each bus is the switch's overlap (the slower path may
+      // still bring copies of older updates for a moment after the old bus
+      // is closed); a second copy on the same bus is a duplicate.
+      if (this.firstFrom.get(key) !== bus && !this.crossed.has(key)) {
+        this.crossed.add(key);
         this.overlapDiscarded++;
-        if (this.synced && !this.synced[stream] && this.firstFrom.get(key) !== bus) this.synced[stream] = 'message';
+        // The paths meet: a copy on the new bus, or on the old bus a copy of
+        // an update the new bus brought during this switch (not a late copy
+        // left over from an earlier switch).
+        if (this.synced && !this.synced[stream] && (bus === this.bus || this.sinceSwitch.has(key))) {
+          this.synced[stream] = 'message';
+        }
       } else this.duplicates.push(key);
       return;
     }
     this.seen.add(key);
-    if (this.overlap) this.firstFrom.set(key, bus);
+    this.firstFrom.set(key, bus);
+    if (this.synced && bus === this.bus) this.sinceSwitch.add(key);
     if (type === 'Trade') this.trades.add(p.id);
     else {
       const row = this.positions[p.security];
@@ -122,11 +134,11 @@ class Screen {
   async switchTo(to) {
     const from = this.bus;
     if (from === to) return null;
-    this.overlap = true;
     this.synced = { trades: null, positions: null };
+    this.sinceSwitch.clear();
+    this.bus = to; // from here on, `to` is the new bus
     const t0 = Date.now();
     await this.open(to);
-    this.bus = to;
     const quiet = this.ui.o.syncQuietMs;
     await c.until('both buses to carry the same update', () => {
       for (const st of ['trades', 'positions']) {
@@ -136,9 +148,8 @@ class Screen {
     }, 30000, 2);
     const synced = this.synced;
     await this.closeBus(from);
-    this.overlap = false;
     this.synced = null;
-    this.firstFrom.clear();
+    this.sinceSwitch.clear();
     return synced;
   }
 

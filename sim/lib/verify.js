@@ -15,7 +15,7 @@ const R_POSITIONS = 'account-positions';
  * services: trade-service reports; p: the processor's report; ui: the UI's
  * report; before/after: /metrics text at the start and the end (counters
  * are compared as differences, so a bridge that ran before is fine);
- * mode: 'server' | 'attach'; singlePath: one processor on one bus (position
+ * mode: 'server' | 'attach'; singlePath: one processor on one bus and no move (position
  * updates must then arrive in order).
  * Returns {problems: [...], facts: {...}} for the summary.
  */
@@ -76,7 +76,7 @@ function verify({ services, p, ui, before, after, mode, singlePath = true, count
     facts.duplicates += sc.duplicates.length;
     facts.stale += sc.stale;
   }
-  if (singlePath && facts.stale) bad.push(`${facts.stale} position updates arrived out of order from one processor`);
+  if (singlePath && facts.stale) bad.push(`${facts.stale} position updates arrived out of order on a single path`);
 
   facts.counters = [];
   if (counters) {
