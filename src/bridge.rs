@@ -92,9 +92,9 @@ pub struct Bridge {
     /// Bumped whenever a legacy client joins or leaves a room, so the
     /// point-to-point members can follow their rooms.
     pub membership: tokio::sync::watch::Sender<u64>,
-    /// Held while a point-to-point message is handed to a legacy room and
-    /// while a client joins or leaves a room, so a message reaches a leaving
-    /// consumer before its leave notice or not at all.
+    /// Held while a message is handed to legacy rooms and while a client
+    /// joins or leaves a room (with its System notice), so a message reaches
+    /// a leaving client before its leave notice or not at all.
     pub rooms: Mutex<()>,
     attach: OnceLock<Arc<crate::attach::Attach>>,
 }

@@ -308,8 +308,8 @@ fn on_subscription(
         Err(r) => return refuse(bridge, s, event, r, "", ack),
     };
     let Some(io) = bridge.io() else { return };
-    // Joining or leaving and its notice are one step for point-to-point
-    // delivery (see `take_queued`).
+    // Joining or leaving and its notice are one step for every delivery
+    // (see `deliver`).
     let rooms = bridge.rooms.lock().unwrap_or_else(|e| e.into_inner());
     let notice = if join {
         s.join(topic.clone());
@@ -338,7 +338,7 @@ fn on_subscription(
         date: Field::Num(envelope::now_ms()),
         payload: Some(&payload),
     };
-    deliver(bridge, io, "", &topic, &env);
+    deliver_held(bridge, io, "", &topic, &env);
     if !join {
         s.leave(topic);
     }
@@ -457,9 +457,10 @@ fn is_queue(bridge: &Bridge, mapped: &Option<crate::route::Mapped>) -> bool {
 ///   queue connection after its unsubscribe, so that the server cannot hand
 ///   them back to this bridge.
 /// - A message is handed to the room and a consumer joins or leaves under one
-///   lock (`Bridge::rooms`): a consumer that unsubscribes gets every message
-///   handed to it before its own leave notice, and none after. A consumer
-///   that waits for that notice before disconnecting loses nothing.
+///   lock (`Bridge::rooms`, taken by `deliver_to`): a consumer that
+///   unsubscribes gets every message handed to it before its own leave
+///   notice, and none after. A consumer that waits for that notice before
+///   disconnecting loses nothing.
 pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, route: usize) {
     let r = bridge.routes.get(route).clone();
     let subject = r.subject.as_str().to_string();
@@ -570,7 +571,6 @@ fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: &async_nats::Message) ->
     let Some(io) = bridge.io() else { return false };
     let received = Instant::now();
     let mut handed = true;
-    let _rooms = bridge.rooms.lock().unwrap_or_else(|e| e.into_inner());
     bridge.queued_to_legacy(msg, route, |route, topic, env| {
         let name = &bridge.routes.get(route).name;
         handed = deliver_to(bridge, io, Audience::Room, name, topic, env) > 0;
@@ -649,8 +649,22 @@ pub async fn watch_no_responders(
 
 /// Emits an envelope to every socket in the topic's room and in `/*`, once
 /// each. A socket whose outgoing buffer is full misses the message: that is
-/// counted for the client and the route and logged.
+/// counted for the client and the route and logged. Rooms do not change
+/// meanwhile (`Bridge::rooms`): a client that unsubscribes gets each message
+/// before its leave notice, or not at all.
 pub fn deliver(
+    bridge: &Bridge,
+    io: &SocketIo,
+    route: &str,
+    topic: &str,
+    env: &EnvelopeOut<'_>,
+) -> usize {
+    let _rooms = bridge.rooms.lock().unwrap_or_else(|e| e.into_inner());
+    deliver_held(bridge, io, route, topic, env)
+}
+
+/// `deliver`, for a caller that holds `Bridge::rooms`.
+fn deliver_held(
     bridge: &Bridge,
     io: &SocketIo,
     route: &str,
@@ -681,6 +695,7 @@ pub fn deliver_to(
     topic: &str,
     env: &EnvelopeOut<'_>,
 ) -> usize {
+    let _rooms = bridge.rooms.lock().unwrap_or_else(|e| e.into_inner());
     let sockets = match audience {
         Audience::Room => io.within(topic.to_string()).sockets(),
         Audience::Observers => io.within("/*").except(topic.to_string()).sockets(),
