@@ -24,7 +24,6 @@ class TradeService {
     this.sent = {}; // id -> [bus, t]
     this.unconsumed = {}; // id -> times the server reported no consumer
     this.retried = 0;
-    this.retryWaitMs = 0;
     this.lost = []; // ids given up on
     this.waiting = new Map(); // id -> first no-responders time, while retrying
     this.switches = [];
