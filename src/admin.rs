@@ -1,4 +1,4 @@
-//! The admin HTTP endpoint: health, readiness and metrics.
+//! The admin HTTP endpoint: health, readiness, metrics and the census.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -26,6 +26,7 @@ pub fn router(bridge: Arc<Bridge>, prometheus: PrometheusHandle) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/api/census", get(census))
         .route(
             "/api/attach/legacy-consumers/{route}",
             axum::routing::put(set_legacy_consumers),
@@ -105,9 +106,19 @@ async fn metrics(State(a): State<Admin>) -> String {
         metrics::gauge!(telemetry::CLIENTS, "transport" => "polling").set(polling as f64);
         metrics::gauge!(telemetry::CLIENTS, "transport" => "websocket").set(websocket as f64);
     }
-    a.bridge
-        .metrics
-        .nats_connected
+    let m = &a.bridge.metrics;
+    m.nats_connected
         .set(if a.bridge.nats_connected() { 1.0 } else { 0.0 });
+    if let Some(c) = a.bridge.nats() {
+        // async-nats counts the first connect too.
+        let connects = c.statistics().connects.load(Ordering::Relaxed);
+        m.nats_reconnects.absolute(connects.saturating_sub(1));
+    }
+    m.nats_pending.set(a.bridge.pending_to_nats() as f64);
     a.prometheus.render()
+}
+
+/// Who is still on the legacy side (see `census.rs`).
+async fn census(State(a): State<Admin>) -> Json<crate::census::Report> {
+    Json(crate::census::report(&a.bridge))
 }

@@ -39,7 +39,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on admin.listen {admin_addr}"))?;
     let admin_app = admin::router(bridge.clone(), prometheus);
-    tracing::info!(addr = %admin_listener.local_addr()?, "admin endpoint (/healthz, /readyz, /metrics)");
+    tracing::info!(addr = %admin_listener.local_addr()?, "admin endpoint (/healthz, /readyz, /metrics, /api/census)");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(admin_listener, admin_app).await {
             tracing::error!("admin endpoint stopped: {e}");

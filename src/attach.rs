@@ -467,7 +467,7 @@ impl Attach {
         let msg = json!({"topic": p.topic, "type": p.kind, "payload": p.payload});
         match c.emit("publish", msg).await {
             Ok(()) => {
-                self.bridge.forwarded_to_socketio(p.route, p.received);
+                self.bridge.forwarded_to_socketio(p.route, p.received, 0);
                 Ok(())
             }
             Err(e) => {

@@ -65,6 +65,10 @@ pub struct RouteActivity {
     pub to_socketio_ms: AtomicU64,
     pub to_nats_count: AtomicU64,
     pub to_socketio_count: AtomicU64,
+    /// NATS -> legacy messages that reached at least one legacy client
+    /// (last time), and the number of clients reached (count).
+    pub received_ms: AtomicU64,
+    pub received_count: AtomicU64,
 }
 
 pub struct Bridge {
@@ -89,6 +93,8 @@ pub struct Bridge {
     /// Largest NATS message (body plus headers) the bridge will send.
     max_nats_bytes: AtomicUsize,
     pub last_legacy_activity_ms: AtomicU64,
+    /// Departures and last publish, for the census.
+    pub census: crate::census::CensusState,
     /// Bumped whenever a legacy client joins or leaves a room, so the
     /// point-to-point members can follow their rooms.
     pub membership: tokio::sync::watch::Sender<u64>,
@@ -108,7 +114,7 @@ impl Bridge {
             config.instance_id.clone()
         };
         let (tx, rx) = mpsc::channel(config.nats.publish_queue);
-        let metrics = Metrics::new(&routes);
+        let metrics = Metrics::new(&routes, &config, &instance_id);
         let route_types = routes
             .routes()
             .iter()
@@ -138,6 +144,7 @@ impl Bridge {
             upstream_connected: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             last_legacy_activity_ms: AtomicU64::new(0),
+            census: Default::default(),
             membership: tokio::sync::watch::channel(0).0,
             rooms: Mutex::new(()),
             attach: OnceLock::new(),
@@ -473,16 +480,24 @@ impl Bridge {
         deliver(mapped.route, &mapped.target, &env);
     }
 
-    /// Counts a message handed to the legacy side on `route`.
-    pub fn forwarded_to_socketio(&self, route: usize, received: Instant) {
+    /// Counts a message handed to the legacy side on `route`, which
+    /// `recipients` legacy clients received (server mode; attach mode hands
+    /// it to trade-feed and passes 0: it cannot know).
+    pub fn forwarded_to_socketio(&self, route: usize, received: Instant, recipients: usize) {
         let m = &self.metrics.routes[route];
         m.forwarded_to_socketio.increment(1);
         m.latency_to_socketio
             .record(received.elapsed().as_secs_f64());
         let a = &self.activity[route];
-        a.to_socketio_ms
-            .store(envelope::now_ms(), Ordering::Relaxed);
+        let now = envelope::now_ms();
+        a.to_socketio_ms.store(now, Ordering::Relaxed);
         a.to_socketio_count.fetch_add(1, Ordering::Relaxed);
+        if recipients > 0 {
+            m.delivered_to_socketio.increment(recipients as u64);
+            a.received_ms.store(now, Ordering::Relaxed);
+            a.received_count
+                .fetch_add(recipients as u64, Ordering::Relaxed);
+        }
     }
 }
 

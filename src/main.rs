@@ -24,6 +24,29 @@ enum Command {
     Run,
     /// Check the configuration, print every problem with its key, and exit.
     CheckConfig,
+    /// Ask a running bridge whether the legacy side is empty: exit 0 when no
+    /// legacy client was connected or published and no route carried legacy
+    /// traffic for the whole window, 1 (with the reasons) when not, 2 when
+    /// the bridge cannot be asked.
+    DecommissionCheck {
+        /// The bridge's admin endpoint, e.g. http://tradefeed-bridge:18097
+        #[arg(long)]
+        admin_url: String,
+        /// How long the legacy side must have been quiet (e.g. 10m, 1h).
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        quiet_for: std::time::Duration,
+    },
+    /// Scan a deployment tree for anything that still deploys, routes to or
+    /// links trade-feed or the bridge: exit 0 when clean (Socket.IO
+    /// libraries are warnings), 1 listing each file and line when not, 2
+    /// when the tree cannot be read.
+    PruneCheck {
+        /// The deployment tree (or one file).
+        path: PathBuf,
+        /// A path inside the tree to leave out (repeatable).
+        #[arg(long)]
+        exclude: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -31,6 +54,51 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => check_config(&cli.config),
         Command::Run => run(&cli.config),
+        Command::DecommissionCheck {
+            admin_url,
+            quiet_for,
+        } => decommission_check(&admin_url, quiet_for),
+        Command::PruneCheck { path, exclude } => prune_check(&path, &exclude),
+    }
+}
+
+fn decommission_check(admin_url: &str, quiet_for: std::time::Duration) -> ExitCode {
+    use tradefeed_bridge::decommission;
+    match decommission::fetch(admin_url) {
+        Ok(report) => {
+            let verdict = decommission::evaluate(&report, quiet_for);
+            print!(
+                "{}",
+                decommission::render(admin_url, quiet_for, &report, &verdict)
+            );
+            if verdict.ready() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("decommission-check: cannot check: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn prune_check(path: &std::path::Path, exclude: &[PathBuf]) -> ExitCode {
+    use tradefeed_bridge::prune;
+    match prune::scan(path, exclude) {
+        Ok(scan) => {
+            print!("{}", prune::render(path, &scan));
+            if scan.errors() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("prune-check: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

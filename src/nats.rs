@@ -119,7 +119,6 @@ fn on_event(bridge: &Bridge, event: Event) {
         }
         Event::Disconnected => {
             bridge.metrics.nats_connected.set(0.0);
-            bridge.metrics.nats_reconnects.increment(1);
             tracing::warn!("NATS disconnected; reconnecting");
         }
         Event::SlowConsumer(sid) => {

@@ -169,14 +169,26 @@ impl ConnectHandler<LocalAdapter, Hub> for Hub {
             .unwrap_or_else(|e| e.into_inner())
             .insert(s.id, info);
         let bridge = self.0.clone();
-        SocketRef::from(s).on_disconnect(async move |s: SocketRef, reason: socketioxide::socket::DisconnectReason| {
-            let removed = bridge.clients.lock().unwrap_or_else(|e| e.into_inner()).remove(&s.id);
-            bridge.membership_changed();
-            bridge
-                .last_legacy_activity_ms
-                .store(envelope::now_ms(), Ordering::Relaxed);
-            tracing::info!(id = %s.id, ?reason, dropped = removed.map_or(0, |c| c.dropped), "legacy client disconnected");
-        });
+        SocketRef::from(s).on_disconnect(
+            async move |s: SocketRef, reason: socketioxide::socket::DisconnectReason| {
+                let removed = bridge
+                    .clients
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&s.id);
+                bridge.membership_changed();
+                bridge
+                    .last_legacy_activity_ms
+                    .store(envelope::now_ms(), Ordering::Relaxed);
+                let dropped = removed.as_ref().map_or(0, |c| c.dropped);
+                tracing::info!(id = %s.id, ?reason, dropped, "legacy client disconnected");
+                if let Some(info) = removed {
+                    bridge
+                        .census
+                        .departed(info, s.transport_type(), reason.to_string());
+                }
+            },
+        );
     }
 
     fn call_middleware<'a>(
@@ -366,6 +378,7 @@ fn on_publish(
     let Some(io) = bridge.io() else { return };
     let now = envelope::now_ms();
     bridge.last_legacy_activity_ms.store(now, Ordering::Relaxed);
+    bridge.census.published(now);
     {
         let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get_mut(&s.id) {
@@ -406,8 +419,9 @@ fn on_publish(
             out.ack = ack;
             bridge.enqueue(out);
         } else {
-            if deliver_to(bridge, io, Audience::Room, name, &p.topic, &env) > 0 {
-                bridge.forwarded_to_socketio(m.route, received);
+            let n = deliver_to(bridge, io, Audience::Room, name, &p.topic, &env);
+            if n > 0 {
+                bridge.forwarded_to_socketio(m.route, received, n);
                 reply(ack, Ok(()));
             } else {
                 bridge.undeliverable(m.route, "NATS is down and no legacy consumer is connected");
@@ -468,6 +482,8 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
     let topic = r.topic.as_str().to_string();
     let member = metrics::gauge!(telemetry::QUEUE_MEMBER, "route" => r.name.clone());
     member.set(0.0);
+    // The series exists from start-up, at 0.
+    metrics::counter!(telemetry::REQUEUED, "route" => r.name.clone()).increment(0);
     let mut epoch = bridge.membership.subscribe();
     let mut sub: Option<async_nats::Subscriber> = None;
     loop {
@@ -573,9 +589,10 @@ fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: &async_nats::Message) ->
     let mut handed = true;
     bridge.queued_to_legacy(msg, route, |route, topic, env| {
         let name = &bridge.routes.get(route).name;
-        handed = deliver_to(bridge, io, Audience::Room, name, topic, env) > 0;
+        let n = deliver_to(bridge, io, Audience::Room, name, topic, env);
+        handed = n > 0;
         if handed {
-            bridge.forwarded_to_socketio(route, received);
+            bridge.forwarded_to_socketio(route, received, n);
         }
     });
     handed
@@ -751,8 +768,8 @@ pub async fn subscribe_nats(bridge: Arc<Bridge>, client: async_nats::Client) -> 
                 let received = Instant::now();
                 bridge.nats_to_legacy(&msg, &serves, |route, topic, env| {
                     let name = &bridge.routes.get(route).name;
-                    deliver(&bridge, io, name, topic, env);
-                    bridge.forwarded_to_socketio(route, received);
+                    let n = deliver(&bridge, io, name, topic, env);
+                    bridge.forwarded_to_socketio(route, received, n);
                 });
             }
         });
