@@ -675,6 +675,41 @@ fn verify(
             n(&p["published"]["nats"][key]) as f64,
         ));
     }
+    if plan.mode == Mode::Server {
+        // Delivered: one per legacy client reached. The legacy processor is
+        // the only member of /trades; the screens the only subscribers of
+        // the account topics.
+        let delivered = |route: &str| {
+            m(
+                "tradefeed_bridge_messages_delivered_total",
+                &[("route", route), ("direction", "to_socketio")],
+            )
+        };
+        expect.push((
+            format!("delivered {R_ORDERS}"),
+            delivered(R_ORDERS),
+            out.booked_legacy as f64,
+        ));
+        if single_path {
+            // Every screen a legacy one for the whole run, or none.
+            let on_legacy: u64 = ui["screens"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| n(&s["received"]["legacy"]))
+                .sum();
+            let from_nats = if plan.processor == [NatsBus] {
+                on_legacy
+            } else {
+                0
+            };
+            expect.push((
+                "delivered account updates".into(),
+                delivered(R_TRADES) + delivered(R_POSITIONS),
+                from_nats as f64,
+            ));
+        }
+    }
     if plan.mode == Mode::Attach {
         // trade-feed sends the bridge each of its own publishes back once.
         let to_legacy: f64 = [R_ORDERS, R_TRADES, R_POSITIONS]
