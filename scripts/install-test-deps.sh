@@ -58,6 +58,17 @@ if [[ ! -x "$VENV/bin/python" || ! -f "$py_stamp" || "$(cat "$py_stamp")" != "$p
   printf '%s\n' "$py_hash" > "$py_stamp"
 fi
 
+# --- Go: tests/go/jwtgen (NATS JWTs for the credentials-file test) ---------
+if ! command -v go >/dev/null 2>&1; then
+  log "apt-get install golang-go (Go fetches the toolchain go.mod asks for)"
+  SUDO=""
+  [[ "$(id -u)" == 0 ]] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq golang-go >/dev/null
+fi
+say "go mod download in tests/go/jwtgen"
+(cd "$ROOT/tests/go/jwtgen" && quiet go mod download)
+
 # --- Java agents (tests/java) ------------------------------------------------
 # >>> Java step: owned by whoever maintains tests/java. Do not inline here. <<<
 if [[ -f "$ROOT/scripts/install-java-agents.sh" ]]; then

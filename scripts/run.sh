@@ -24,6 +24,8 @@ else
   echo "run: starting $bin on 127.0.0.1:4222 (websocket on 8081 for browsers)" >&2
   conf="$(mktemp)"
   printf 'listen: "127.0.0.1:4222"\nhttp: "127.0.0.1:8222"\nwebsocket { listen: "127.0.0.1:8081", no_tls: true }\n' > "$conf"
+  # JetStream holds attach mode's lease (one active bridge per trade-feed).
+  printf 'jetstream { store_dir: "%s" }\n' "$(mktemp -d)" >> "$conf"
   "$bin" -c "$conf" &
   nats_pid=$!
   for _ in $(seq 1 100); do port_open 4222 && break; sleep 0.05; done

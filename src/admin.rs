@@ -82,6 +82,9 @@ pub fn not_ready(bridge: &Bridge) -> Vec<&'static str> {
             if !bridge.upstream_connected.load(Ordering::Relaxed) {
                 why.push("trade-feed is not connected");
             }
+            if bridge.attach().is_some_and(|a| a.lease_problem().is_some()) {
+                why.push("the attach lease is unavailable (see the log: JetStream?)");
+            }
         }
     }
     why
@@ -89,15 +92,20 @@ pub fn not_ready(bridge: &Bridge) -> Vec<&'static str> {
 
 async fn readyz(State(a): State<Admin>) -> Response {
     let why = not_ready(&a.bridge);
-    if why.is_empty() {
-        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+    let mut body = if why.is_empty() {
+        json!({"ready": true})
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "reasons": why})),
-        )
-            .into_response()
+        json!({"ready": false, "reasons": why})
+    };
+    if let Some(attach) = a.bridge.attach() {
+        body["role"] = json!(attach.role_name());
     }
+    let status = if why.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
 }
 
 async fn metrics(State(a): State<Admin>) -> String {

@@ -46,7 +46,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    let client = nats::connect(&bridge.config.nats, &bridge).await?;
+    // A NATS connection that gave up (nats.max_reconnects) stops the bridge.
+    let (give_up, mut gave_up) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let client = nats::connect(&bridge.config.nats, &bridge, &give_up).await?;
     bridge.start_nats(client.clone());
 
     match bridge.config.mode {
@@ -78,7 +80,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             server::subscribe_nats(bridge.clone(), client.clone()).await?;
             if bridge.routes.queue_routes().next().is_some() {
                 server::watch_no_responders(bridge.clone(), client.clone()).await?;
-                let qclient = nats::connect_queue_member(&bridge.config.nats, &bridge).await?;
+                let qclient =
+                    nats::connect_queue_member(&bridge.config.nats, &bridge, &give_up).await?;
                 let queued: Vec<usize> = bridge
                     .routes
                     .queue_routes()
@@ -96,29 +99,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tokio::spawn(server::watch_idle_clients(bridge.clone()));
         }
         Mode::Attach => {
-            let attach = crate::attach::Attach::new(bridge.clone());
-            if bridge.config.attach.lease {
-                crate::attach::keep_lease(attach.clone(), client.clone()).await?;
-            }
-            crate::attach::subscribe_nats(attach.clone(), client.clone()).await?;
-            if bridge.routes.queue_routes().next().is_some() {
-                server::watch_no_responders(bridge.clone(), client.clone()).await?;
-                let queued: Vec<usize> = bridge
-                    .routes
-                    .queue_routes()
-                    .filter(|r| r.direction.to_socketio())
-                    .map(|r| r.index)
-                    .collect();
-                for route in queued {
-                    tokio::spawn(crate::attach::run_queue_member(
-                        attach.clone(),
-                        client.clone(),
-                        route,
-                    ));
-                }
-            }
-            bridge.set_attach(attach.clone());
-            tokio::spawn(attach.run());
+            crate::attach::start(bridge.clone(), client.clone()).await?;
         }
     }
 
@@ -134,7 +115,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!("not ready after 60s: {:?}", admin::not_ready(&ready_bridge));
     });
 
-    shutdown_signal().await;
+    let failure = tokio::select! {
+        _ = shutdown_signal() => None,
+        why = gave_up.recv() => why,
+    };
     tracing::info!("shutting down: refusing new clients, draining in-flight messages");
     bridge.shutting_down.store(true, Ordering::Relaxed);
     let _ = stop_tx.send(true);
@@ -143,6 +127,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // (45 s), while it sees a closed TCP connection at once and reconnects.
     // The connections drop when the process exits, as with trade-feed.
     let deadline = Instant::now() + bridge.config.drain_timeout;
+    if let Some(attach) = bridge.attach() {
+        attach.shutdown(deadline).await;
+    }
     while bridge.pending_to_nats() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -165,8 +152,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             "forwarded"
         );
     }
-    tracing::info!("stopped");
-    Ok(())
+    match failure {
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Some(why) => Err(anyhow::anyhow!("stopped because {why}")),
+    }
 }
 
 async fn shutdown_signal() {

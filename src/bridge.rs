@@ -103,6 +103,8 @@ pub struct Bridge {
     /// a leaving client before its leave notice or not at all.
     pub rooms: Mutex<()>,
     attach: OnceLock<Arc<crate::attach::Attach>>,
+    /// Woken when the NATS connection is (re-)established.
+    pub nats_up: tokio::sync::Notify,
 }
 
 impl Bridge {
@@ -148,6 +150,7 @@ impl Bridge {
             membership: tokio::sync::watch::channel(0).0,
             rooms: Mutex::new(()),
             attach: OnceLock::new(),
+            nats_up: tokio::sync::Notify::new(),
         })
     }
 
@@ -334,8 +337,12 @@ impl Bridge {
         client: async_nats::Client,
     ) {
         use async_nats::connection::State;
+        let confirm = crate::nats::RoundTrip::start(client.clone(), &self.instance_id);
         while let Some(out) = rx.recv().await {
             let route = self.routes.get(out.route);
+            if self.hold_while_nats_down() {
+                self.wait_for_nats(&client).await;
+            }
             if client.connection_state() != State::Connected {
                 telemetry::dropped(&route.name, TO_NATS, "nats_unavailable", 1);
                 self.warn_limited(
@@ -379,14 +386,8 @@ impl Bridge {
                     tracing::debug!(%subject, route = %route.name, "legacy -> NATS");
                     if let Some(ack) = out.ack {
                         // The ack promises the broker has the message: wait for
-                        // the round trip, off the publishing path.
-                        let c = client.clone();
-                        tokio::spawn(async move {
-                            match tokio::time::timeout(Duration::from_secs(5), c.flush()).await {
-                                Ok(Ok(())) => reply(Some(ack), Ok(())),
-                                _ => reply(Some(ack), Err("NATS did not confirm the publish")),
-                            }
-                        });
+                        // a server round trip, off the publishing path.
+                        confirm.ack_after(ack);
                     }
                 }
                 Err(e) => {
@@ -399,6 +400,31 @@ impl Bridge {
                 }
             }
             self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Attach mode has no client waiting for an ack: a legacy message that
+    /// arrives while NATS is down waits in the publish queue (in order,
+    /// bounded by `nats.publish_queue`, newest dropped and counted when
+    /// full) instead of being dropped. Server mode answers acks at once.
+    fn hold_while_nats_down(&self) -> bool {
+        self.config.mode == crate::config::Mode::Attach
+    }
+
+    /// Waits until the NATS connection is up (re-checked every 250 ms in
+    /// case a wake-up was missed).
+    async fn wait_for_nats(&self, client: &async_nats::Client) {
+        use async_nats::connection::State;
+        let mut told = false;
+        while client.connection_state() != State::Connected {
+            if !told {
+                tracing::info!(
+                    waiting = self.pending_to_nats(),
+                    "NATS is not connected: legacy messages wait for it"
+                );
+                told = true;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(250), self.nats_up.notified()).await;
         }
     }
 

@@ -112,6 +112,31 @@ pub struct AttachConfig {
     /// operator says it; routes not listed count as having legacy consumers.
     /// Changed at run time with `PUT /api/attach/legacy-consumers/<route>`.
     pub legacy_consumers: std::collections::BTreeMap<String, bool>,
+    /// How the bridge talks to trade-feed.
+    pub transport: AttachTransport,
+    /// After a reconnect, how long buffered NATS -> legacy messages wait
+    /// before they are sent, so that legacy clients (which reconnect on
+    /// their own schedule) are back in their rooms.
+    #[serde(with = "humantime_serde")]
+    pub replay_wait: Duration,
+    /// Largest `publish` the bridge sends to trade-feed (its
+    /// `maxHttpBufferSize`, 1e6 bytes by default): a larger one would make
+    /// trade-feed close the connection, so it is refused and counted.
+    pub max_payload_bytes: usize,
+}
+
+/// The Engine.IO transport attach mode uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AttachTransport {
+    /// WebSocket when trade-feed offers it (after an HTTP handshake), else
+    /// HTTP long-polling.
+    #[default]
+    Any,
+    /// WebSocket only.
+    Websocket,
+    /// HTTP long-polling only (for proxies that do not pass WebSocket).
+    Polling,
 }
 
 impl Default for AttachConfig {
@@ -129,6 +154,9 @@ impl Default for AttachConfig {
             lease_bucket: "tradefeed_bridge".into(),
             lease_ttl: Duration::from_secs(6),
             legacy_consumers: Default::default(),
+            transport: AttachTransport::Any,
+            replay_wait: Duration::from_secs(5),
+            max_payload_bytes: 1_000_000,
         }
     }
 }
@@ -237,10 +265,17 @@ impl Default for Config {
     }
 }
 
-/// A value that must never be printed: `Debug` and `Display` show `***`.
-#[derive(Clone, Deserialize, Serialize, PartialEq, Eq)]
+/// A value that must never be printed: `Debug`, `Display` and `Serialize`
+/// all give `***`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("***")
+    }
+}
 
 impl Secret {
     pub fn expose(&self) -> &str {
@@ -320,29 +355,112 @@ pub fn load(path: &Path, file_required: bool) -> Result<Config, ConfigErrors> {
     from_figment(&fig)
 }
 
+/// Extracts and checks the configuration, reporting every problem at once.
+///
+/// Serde stops at the first type error, so extraction runs in rounds: each
+/// round's type error is reported and its key taken out (its default then
+/// applies; a broken route is set aside), until the rest extracts. Then the
+/// semantic checks run on what is left. Every problem names its key path and
+/// where the value came from (the file, or the exact environment variable).
 pub fn from_figment(fig: &Figment) -> Result<Config, ConfigErrors> {
+    use figment::value::Value;
     let mut problems = Vec::new();
-
-    // Unknown keys: walk the merged tree and note every key no field takes.
-    let tree: figment::value::Value = match fig.extract() {
+    let mut tree: Value = match fig.extract() {
         Ok(v) => v,
-        Err(e) => return Err(ConfigErrors(figment_problems(e))),
-    };
-    let mut unknown = Vec::new();
-    let walked: Result<Config, _> =
-        serde_ignored::deserialize(&tree, |path| unknown.push(path.to_string()));
-    for key in unknown {
-        problems.push(problem(key, "unknown key (check the spelling)"));
-    }
-
-    let config = match (walked, fig.extract::<Config>()) {
-        (_, Ok(c)) => c,
-        (_, Err(e)) => {
-            problems.extend(figment_problems(e));
-            return Err(ConfigErrors(problems));
+        Err(e) => {
+            let ps = e
+                .into_iter()
+                .map(|err| {
+                    problem(
+                        key_of(&err.path),
+                        format!("{}{}", err.kind, origin(fig, &err.path)),
+                    )
+                })
+                .collect();
+            return Err(ConfigErrors(ps));
         }
     };
-    problems.extend(validate(&config));
+    let mut reported_unknown = std::collections::BTreeSet::new();
+    // Route indexes set aside: problems under them are already reported.
+    let mut broken_routes: Vec<usize> = Vec::new();
+    let mut removed: Vec<Vec<String>> = Vec::new();
+    let mut config = None;
+    for _ in 0..MAX_ROUNDS {
+        let mut unknown = Vec::new();
+        let walked: Result<Config, figment::Error> =
+            serde_ignored::deserialize(&tree, |path| unknown.push(path.to_string()));
+        for raw in unknown {
+            let path: Vec<String> = raw.split('.').map(str::to_string).collect();
+            if reported_unknown.insert(raw) {
+                problems.push(problem(
+                    key_of(&path),
+                    format!("unknown key (check the spelling){}", origin(fig, &path)),
+                ));
+            }
+        }
+        let err = match walked {
+            Ok(c) => {
+                config = Some(c);
+                break;
+            }
+            Err(e) => e,
+        };
+        let mut progressed = false;
+        for err in err {
+            // A required key taken out in an earlier round is now missing:
+            // already reported.
+            let derived = removed
+                .iter()
+                .any(|r: &Vec<String>| r.len() > err.path.len() && r.starts_with(&err.path));
+            if !derived {
+                problems.push(problem(
+                    key_of(&err.path),
+                    format!("{}{}", err.kind, origin(fig, &err.path)),
+                ));
+            }
+            if let [first, index, ..] = err.path.as_slice() {
+                if let (true, Ok(i)) = (first == "routes", index.parse::<usize>()) {
+                    if !broken_routes.contains(&i) {
+                        broken_routes.push(i);
+                    }
+                }
+            }
+            if set_aside(&mut tree, &err.path) {
+                removed.push(err.path.clone());
+                progressed = true;
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+    let Some(config) = config else {
+        return Err(ConfigErrors(problems));
+    };
+    let set_aside_key = |key: &str| {
+        broken_routes
+            .iter()
+            .any(|i| key.starts_with(&format!("routes[{i}]")))
+    };
+    problems.extend(
+        validate(&config)
+            .into_iter()
+            .filter(|p| !set_aside_key(&p.key))
+            .map(|mut p| {
+                let path: Vec<String> = p
+                    .key
+                    .replace('[', ".")
+                    .replace(']', "")
+                    .split('.')
+                    .map(str::to_string)
+                    .collect();
+                let from = origin(fig, &path);
+                if from.contains("environment variable") {
+                    p.message.push_str(&from);
+                }
+                p
+            }),
+    );
     if problems.is_empty() {
         Ok(config)
     } else {
@@ -350,22 +468,165 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigErrors> {
     }
 }
 
-fn figment_problems(e: figment::Error) -> Vec<Problem> {
-    e.into_iter()
-        .map(|err| {
-            let key = if err.path.is_empty() {
-                "(top level)".to_string()
-            } else {
-                err.path.join(".")
+/// Extraction rounds: one per type error, bounded.
+const MAX_ROUNDS: usize = 64;
+
+/// `routes[1].direction` from `["routes", "1", "direction"]`.
+fn key_of(path: &[String]) -> String {
+    let mut key = String::new();
+    for part in path {
+        if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            key.push_str(&format!("[{part}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(part);
+        }
+    }
+    if key.is_empty() {
+        "(top level)".into()
+    } else {
+        key
+    }
+}
+
+/// Where a key's value came from: ` (from environment variable X)` or
+/// ` (from TOML file F)`; empty when unknown (a default).
+fn origin(fig: &Figment, path: &[String]) -> String {
+    let var = format!("{ENV_PREFIX}{}", path.join("__").to_uppercase());
+    if !path.is_empty() && std::env::var_os(&var).is_some() {
+        return format!(" (from environment variable {var})");
+    }
+    // a key made of nested variables, e.g. X__PATHS__EXTRA for X__PATHS
+    let mut nested: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| !path.is_empty() && k.starts_with(&format!("{var}__")))
+        .collect();
+    if !nested.is_empty() {
+        nested.sort();
+        return format!(" (from environment variable {})", nested.join(", "));
+    }
+    // the closest enclosing key that has metadata (array elements have none)
+    for n in (1..=path.len()).rev() {
+        if let Some(m) = fig.find_metadata(&path[..n].join(".")) {
+            return match &m.source {
+                Some(figment::Source::File(f)) => format!(" (from {} {})", m.name, f.display()),
+                _ => format!(" (from {})", m.name),
             };
-            let origin = err
-                .metadata
-                .as_ref()
-                .map(|m| format!(" (from {})", m.name))
-                .unwrap_or_default();
-            problem(key, format!("{}{origin}", err.kind))
-        })
-        .collect()
+        }
+    }
+    String::new()
+}
+
+/// Takes the value at `path` out of `tree` so that extraction can go on:
+/// a key is removed (its default applies); a route element that cannot be
+/// read at all (a required key is missing) is replaced by a placeholder, so
+/// later routes keep their indexes. False when nothing could be taken out.
+fn set_aside(tree: &mut figment::value::Value, path: &[String]) -> bool {
+    use figment::value::Value;
+    if let [first, index] = path {
+        if let (true, Ok(i)) = (first == "routes", index.parse::<usize>()) {
+            let Value::Dict(_, top) = tree else {
+                return false;
+            };
+            let Some(Value::Array(_, items)) = top.get_mut("routes") else {
+                return false;
+            };
+            let Some(item) = items.get_mut(i) else {
+                return false;
+            };
+            let placeholder = serde_json::json!({
+                "name": format!("(route {i} set aside)"),
+                "topic": format!("/route-{i}-set-aside"),
+                "subject": format!("route-{i}-set-aside"),
+            });
+            let placeholder = Value::serialize(placeholder).expect("static value");
+            if *item == placeholder {
+                return false;
+            }
+            *item = placeholder;
+            return true;
+        }
+    }
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut node = tree;
+    for p in parents {
+        node = match node {
+            Value::Dict(_, d) => match d.get_mut(p) {
+                Some(n) => n,
+                None => return false,
+            },
+            Value::Array(_, items) => {
+                match p.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(n) => n,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        };
+    }
+    match node {
+        Value::Dict(_, d) => d.remove(last).is_some(),
+        _ => false,
+    }
+}
+
+/// Why `seed` is not a user NKey seed; the message never contains the seed.
+fn nkey_seed_problem(seed: &str) -> Option<String> {
+    match nkeys::KeyPair::from_seed(seed.trim()) {
+        Ok(kp) if matches!(kp.key_pair_type(), nkeys::KeyPairType::User) => None,
+        Ok(_) => Some("is an NKey seed, but not a user seed (a user seed starts with SU)".into()),
+        Err(e) => Some(format!(
+            "is not a valid user NKey seed ({}; a user seed is 58 characters and starts with SU)",
+            e.kind()
+        )),
+    }
+}
+
+/// Reads a credentials file the way the NATS client will (user JWT and seed);
+/// the message never contains the file's content.
+fn credentials_problem(path: &Path) -> Option<String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => return Some(format!("cannot be read: {e}")),
+    };
+    match async_nats::ConnectOptions::with_credentials(&text) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData && e.to_string().contains("JWT") => {
+            Some("is not a NATS credentials file: no user JWT block found".into())
+        }
+        Err(e) if e.to_string().contains("nkey") => {
+            Some("is not a NATS credentials file: no user NKey seed block found".into())
+        }
+        Err(_) => Some("is not a NATS credentials file: its NKey seed is not valid".into()),
+    }
+}
+
+/// PEM certificates (a CA bundle or a client certificate chain).
+fn certificates_problem(path: &Path) -> Option<String> {
+    use async_nats::rustls::pki_types::{pem::PemObject, CertificateDer};
+    match CertificateDer::pem_file_iter(path) {
+        Err(e) => Some(format!("cannot be read as PEM: {e}")),
+        Ok(iter) => match iter.collect::<Result<Vec<_>, _>>() {
+            Err(e) => Some(format!("is not valid PEM: {e}")),
+            Ok(certs) if certs.is_empty() => {
+                Some("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into())
+            }
+            Ok(_) => None,
+        },
+    }
+}
+
+/// A PEM private key (PKCS#8, PKCS#1 or SEC1).
+fn key_problem(path: &Path) -> Option<String> {
+    use async_nats::rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+    match PrivateKeyDer::from_pem_file(path) {
+        Ok(_) => None,
+        Err(_) => Some("holds no PEM private key (-----BEGIN PRIVATE KEY-----)".into()),
+    }
 }
 
 /// Checks that need more than types: addresses, routes, TLS files, combinations.
@@ -481,12 +742,27 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     if c.nats.user.is_some() != c.nats.password.is_some() {
         p.push(problem("nats.password", "user and password go together"));
     }
+    for (key, secret) in [
+        ("nats.token", &c.nats.token),
+        ("nats.password", &c.nats.password),
+        ("nats.nkey_seed", &c.nats.nkey_seed),
+        ("attach.auth_token", &c.attach.auth_token),
+    ] {
+        if secret
+            .as_ref()
+            .is_some_and(|s| s.expose().trim().is_empty())
+        {
+            p.push(problem(key, "is empty: remove the key instead"));
+        }
+    }
+    if c.nats.user.as_ref().is_some_and(|u| u.trim().is_empty()) {
+        p.push(problem("nats.user", "is empty: remove the key instead"));
+    }
     if let Some(seed) = &c.nats.nkey_seed {
-        if !seed.expose().starts_with("SU") {
-            p.push(problem(
-                "nats.nkey_seed",
-                "is not a user NKey seed (it should start with SU)",
-            ));
+        if !seed.expose().trim().is_empty() {
+            if let Some(why) = nkey_seed_problem(seed.expose()) {
+                p.push(problem("nats.nkey_seed", why));
+            }
         }
     }
     for (key, file) in [
@@ -495,10 +771,18 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         ("nats.tls_client_cert", &c.nats.tls_client_cert),
         ("nats.tls_client_key", &c.nats.tls_client_key),
     ] {
-        if let Some(f) = file {
-            if !f.is_file() {
-                p.push(problem(key, format!("file {} does not exist", f.display())));
-            }
+        let Some(f) = file else { continue };
+        if !f.is_file() {
+            p.push(problem(key, format!("file {} does not exist", f.display())));
+            continue;
+        }
+        let checked = match key {
+            "nats.credentials_file" => credentials_problem(f),
+            "nats.tls_client_key" => key_problem(f),
+            _ => certificates_problem(f),
+        };
+        if let Some(why) = checked {
+            p.push(problem(key, format!("file {}: {why}", f.display())));
         }
     }
     if c.nats.tls_client_cert.is_some() != c.nats.tls_client_key.is_some() {
@@ -538,6 +822,32 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         if c.attach.lease_ttl < Duration::from_secs(1) {
             p.push(problem("attach.lease_ttl", "must be at least 1s"));
         }
+        if c.attach.buffer_messages == 0 {
+            p.push(problem("attach.buffer_messages", "must be at least 1"));
+        }
+        if c.attach.max_payload_bytes < 1024 {
+            p.push(problem("attach.max_payload_bytes", "must be at least 1024"));
+        }
+        // A standby forgets what it shadows after echo_window; it must
+        // outlive a takeover (lease_ttl + lease_ttl/3) with room to spare.
+        if c.attach.lease && c.attach.echo_window < c.attach.lease_ttl * 2 {
+            p.push(problem(
+                "attach.echo_window",
+                "must be at least twice attach.lease_ttl",
+            ));
+        }
+        for name in c.attach.legacy_consumers.keys() {
+            let queue_route = c
+                .routes
+                .iter()
+                .any(|r| &r.name == name && r.delivery == crate::route::Delivery::Queue);
+            if !queue_route {
+                p.push(problem(
+                    format!("attach.legacy_consumers.{name}"),
+                    "names no point-to-point route (delivery = \"queue\")",
+                ));
+            }
+        }
     }
 
     if tracing_subscriber::EnvFilter::try_new(&c.log.level).is_err() {
@@ -558,28 +868,67 @@ pub fn validate(c: &Config) -> Vec<Problem> {
 }
 
 impl Config {
+    /// Every secret the configuration holds, for the log redactor: the NATS
+    /// token, password and NKey seed, the seed in the credentials file, the
+    /// attach headers' values and the attach auth token.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut out: Vec<String> = [
+            &self.nats.token,
+            &self.nats.password,
+            &self.nats.nkey_seed,
+            &self.attach.auth_token,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|s| s.expose().to_string())
+        .collect();
+        out.extend(self.attach.headers.values().map(|v| v.expose().to_string()));
+        if let Some(path) = &self.nats.credentials_file {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                // the user NKey seed block (the JWT is signed, not secret)
+                out.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| l.starts_with("SU") && l.len() > 50)
+                        .map(str::to_string),
+                );
+            }
+        }
+        // a value read from a file often ends in a newline: its trimmed form too
+        let trimmed: Vec<String> = out
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|t| !out.contains(t))
+            .collect();
+        out.extend(trimmed);
+        out.retain(|s| !s.is_empty());
+        out
+    }
+
+    /// The configuration as TOML, secrets shown as `***`.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        toml::to_string(self)
+    }
+
     /// A one-line summary safe to log (no secrets).
     pub fn summary(&self) -> String {
-        let auth = if self.nats.credentials_file.is_some() {
-            "credentials file"
-        } else if self.nats.nkey_seed.is_some() {
-            "nkey"
-        } else if self.nats.token.is_some() {
-            "token"
-        } else if self.nats.user.is_some() {
-            "user/password"
-        } else {
-            "none"
+        let side = match self.mode {
+            Mode::Server => format!(
+                "socketio={} paths={:?}",
+                self.socketio.listen, self.socketio.paths
+            ),
+            Mode::Attach => format!(
+                "trade-feed={}{} lease={}",
+                self.attach.url, self.attach.path, self.attach.lease
+            ),
         };
         format!(
-            "mode={:?} socketio={} paths={:?} admin={} nats={:?} auth={} tls={} routes={}",
+            "mode={:?} {side} admin={} nats={:?} auth={} tls={} routes={}",
             self.mode,
-            self.socketio.listen,
-            self.socketio.paths,
             self.admin.listen,
             self.nats.servers,
-            auth,
-            self.nats.tls_required || self.nats.tls_ca_file.is_some(),
+            crate::nats::auth_method(&self.nats),
+            crate::nats::tls_wanted(&self.nats),
             self.routes.len()
         )
     }
@@ -628,7 +977,7 @@ type = "TradeOrder"
         assert!(keys.contains(&"colour"), "{keys:?}");
         assert!(keys.contains(&"socketio.lisen"), "{keys:?}");
         assert!(keys.contains(&"nats.server"), "{keys:?}");
-        assert!(keys.contains(&"routes.0.prio"), "{keys:?}");
+        assert!(keys.contains(&"routes[0].prio"), "{keys:?}");
     }
 
     #[test]
@@ -660,6 +1009,39 @@ type = "TradeOrder"
         assert!(!dbg.contains("hunter2"));
         assert!(!c.summary().contains("hunter2"));
         assert_eq!(c.nats.token.unwrap().expose(), "hunter2");
+    }
+
+    #[test]
+    fn attach_settings_are_checked() {
+        let err = load_str(&format!(
+            "mode = \"attach\"\n[attach]\nurl = \"trade-feed:18086\"\nbuffer_messages = 0\n\
+             lease_ttl = \"10s\"\necho_window = \"15s\"\ntransport = \"carrier-pigeon\"\n{ROUTE}"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"attach.transport"), "{err}");
+        let err = load_str(&format!(
+            "mode = \"attach\"\n[attach]\nurl = \"trade-feed:18086\"\nbuffer_messages = 0\n\
+             lease_ttl = \"10s\"\necho_window = \"15s\"\n\
+             legacy_consumers = {{ orders = false, nope = true }}\n{ROUTE}"
+        ))
+        .unwrap_err();
+        let keys: Vec<_> = err.0.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "attach.url",
+            "attach.buffer_messages",
+            "attach.echo_window",
+            "attach.legacy_consumers.orders",
+            "attach.legacy_consumers.nope",
+        ] {
+            assert!(keys.contains(&key), "{key}: {err}");
+        }
+        let ok = load_str(&format!(
+            "mode = \"attach\"\n[attach]\nurl = \"http://trade-feed:18086\"\n\
+             transport = \"polling\"\n{ROUTE}"
+        ))
+        .unwrap();
+        assert_eq!(ok.attach.transport, AttachTransport::Polling);
     }
 
     #[test]

@@ -5,14 +5,35 @@ use clap::{Parser, Subcommand};
 
 use tradefeed_bridge::config;
 
-/// Runs in place of TraderX's trade-feed (or beside it) and mirrors its
-/// Socket.IO topics to NATS subjects and back.
+/// Runs in place of TraderX's trade-feed (server mode) or beside it (attach
+/// mode) and mirrors its Socket.IO topics to NATS subjects and back.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    long_about = None,
+    after_help = "\
+Configuration: a TOML file (every key, with its default, is documented in
+config/reference.toml), overridden by environment variables: the key path in
+upper case, prefixed TRADEFEED_BRIDGE_, with __ between levels, e.g.
+  TRADEFEED_BRIDGE_NATS__SERVERS='[\"nats://nats-broker:4222\"]'
+  TRADEFEED_BRIDGE_LOG__FORMAT=json
+Unknown keys, in the file or the environment, are refused. RUST_LOG, when
+set, overrides log.level. Secrets never reach a log.
+
+Exit status: 0 after a clean shutdown (SIGTERM, Ctrl-C); 1 when the bridge
+fails while running (e.g. it gave up on NATS after nats.max_reconnects);
+2 when the configuration is invalid."
+)]
 struct Cli {
-    /// Configuration file (TOML). Environment variables prefixed
-    /// TRADEFEED_BRIDGE_ override it, with __ between key levels.
-    #[arg(long, short, global = true, default_value = "config/traderx.toml")]
+    /// Configuration file (TOML); must exist.
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "TRADEFEED_BRIDGE_CONFIG",
+        default_value = "config/traderx.toml"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Option<Command>,
@@ -22,8 +43,15 @@ struct Cli {
 enum Command {
     /// Run the bridge (the default).
     Run,
-    /// Check the configuration, print every problem with its key, and exit.
-    CheckConfig,
+    /// Check the configuration (file and environment) without running:
+    /// print every problem with its key path and exit 2, or a summary and the
+    /// route table and exit 0.
+    CheckConfig {
+        /// Also print the effective configuration, defaults and environment
+        /// overrides included, as TOML (secrets shown as ***).
+        #[arg(long)]
+        show: bool,
+    },
     /// Ask a running bridge whether the legacy side is empty: exit 0 when no
     /// legacy client was connected or published and no route carried legacy
     /// traffic for the whole window, 1 (with the reasons) when not, 2 when
@@ -52,7 +80,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => check_config(&cli.config),
+        Command::CheckConfig { show } => check_config(&cli.config, show),
         Command::Run => run(&cli.config),
         Command::DecommissionCheck {
             admin_url,
@@ -102,13 +130,22 @@ fn prune_check(path: &std::path::Path, exclude: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn check_config(path: &std::path::Path) -> ExitCode {
+fn check_config(path: &std::path::Path, show: bool) -> ExitCode {
     match config::load(path, true) {
         Ok(c) => {
             println!("{}: configuration is valid", path.display());
             println!("{}", c.summary());
             let table = tradefeed_bridge::route::RouteTable::compile(&c.routes).expect("validated");
             print!("{}", table.describe());
+            if show {
+                match c.to_toml() {
+                    Ok(text) => print!("\n# effective configuration\n{text}"),
+                    Err(e) => {
+                        eprintln!("cannot print the configuration: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -126,7 +163,7 @@ fn run(path: &std::path::Path) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tradefeed_bridge::telemetry::init_logging(&cfg.log);
+    tradefeed_bridge::telemetry::init_logging(&cfg.log, &cfg.secrets());
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

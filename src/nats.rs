@@ -1,19 +1,37 @@
 //! The NATS connection, built from the configuration.
+//!
+//! Servers are tried in the configured order (servers the cluster announces
+//! come after them); a server that failed more often than another goes after
+//! it, so a dead first server costs one `connect_timeout`, not one per
+//! reconnect. Every failed attempt is logged with the server's URL and the
+//! authentication method (never a secret). With `max_reconnects` > 0 the
+//! connection gives up after that many failed attempts in a row; the bridge
+//! then shuts down and exits with status 1, so that an orchestrator restarts
+//! it, instead of running on without NATS.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::{ConnectOptions, Event, ServerAddr};
+use anyhow::Context;
+use async_nats::{ClientError, ConnectOptions, Event, ReconnectToServer, Server, ServerAddr};
 use rand::Rng;
+use tokio::sync::mpsc;
 
 use crate::bridge::Bridge;
 use crate::config::NatsConfig;
 use crate::telemetry;
 
+/// Where a connection that gave up reports it: the bridge then stops.
+pub type GiveUp = mpsc::UnboundedSender<String>;
+
 /// Connects (retrying in the background if the broker is not up yet) and
 /// reports every state change in the log and in metrics.
-pub async fn connect(cfg: &NatsConfig, bridge: &Arc<Bridge>) -> anyhow::Result<async_nats::Client> {
-    connect_as(cfg, bridge, true).await
+pub async fn connect(
+    cfg: &NatsConfig,
+    bridge: &Arc<Bridge>,
+    give_up: &GiveUp,
+) -> anyhow::Result<async_nats::Client> {
+    connect_as(cfg, bridge, give_up, true).await
 }
 
 /// A second connection that receives the bridge's own publishes: the bridge
@@ -22,18 +40,53 @@ pub async fn connect(cfg: &NatsConfig, bridge: &Arc<Bridge>) -> anyhow::Result<a
 pub async fn connect_queue_member(
     cfg: &NatsConfig,
     bridge: &Arc<Bridge>,
+    give_up: &GiveUp,
 ) -> anyhow::Result<async_nats::Client> {
-    connect_as(cfg, bridge, false).await
+    connect_as(cfg, bridge, give_up, false).await
+}
+
+/// How the bridge authenticates, for log lines: names the method and what
+/// identifies the client, never the secret.
+pub fn auth_method(cfg: &NatsConfig) -> String {
+    if let Some(path) = &cfg.credentials_file {
+        format!("credentials file {}", path.display())
+    } else if let Some(seed) = &cfg.nkey_seed {
+        match nkeys::KeyPair::from_seed(seed.expose().trim()) {
+            Ok(kp) => format!("nkey {}", kp.public_key()),
+            Err(_) => "nkey (invalid seed)".to_string(),
+        }
+    } else if cfg.token.is_some() {
+        "token".to_string()
+    } else if let Some(user) = &cfg.user {
+        format!("user/password (user {user})")
+    } else {
+        "no authentication".to_string()
+    }
+}
+
+/// TLS is used when asked for, when a `tls://` URL is given, and whenever a
+/// CA file or a client certificate is configured (as the Go client does), so
+/// a TLS configuration never silently falls back to plain text.
+pub fn tls_wanted(cfg: &NatsConfig) -> bool {
+    cfg.tls_required || cfg.tls_ca_file.is_some() || cfg.tls_client_cert.is_some()
 }
 
 async fn connect_as(
     cfg: &NatsConfig,
     bridge: &Arc<Bridge>,
+    give_up: &GiveUp,
     primary: bool,
 ) -> anyhow::Result<async_nats::Client> {
     let mut opts = match (&cfg.credentials_file, &cfg.nkey_seed, &cfg.token, &cfg.user) {
-        (Some(path), _, _, _) => ConnectOptions::with_credentials_file(path).await?,
-        (None, Some(seed), _, _) => ConnectOptions::with_nkey(seed.expose().to_string()),
+        (Some(path), _, _, _) => ConnectOptions::with_credentials_file(path)
+            .await
+            .with_context(|| {
+                format!(
+                    "nats.credentials_file {}: not a usable credentials file",
+                    path.display()
+                )
+            })?,
+        (None, Some(seed), _, _) => ConnectOptions::with_nkey(seed.expose().trim().to_string()),
         (None, None, Some(token), _) => ConnectOptions::with_token(token.expose().to_string()),
         (None, None, None, Some(user)) => ConnectOptions::with_user_and_password(
             user.clone(),
@@ -50,16 +103,31 @@ async fn connect_as(
     if let (Some(cert), Some(key)) = (&cfg.tls_client_cert, &cfg.tls_client_key) {
         opts = opts.add_client_certificate(cert.clone(), key.clone());
     }
-    if cfg.tls_required {
+    if tls_wanted(cfg) {
         opts = opts.require_tls(true);
     }
-    let max_delay = cfg.reconnect_delay_max;
-    let events_bridge = bridge.clone();
+    let label = if primary {
+        "NATS"
+    } else {
+        "NATS queue-member connection"
+    };
+    let dialer = Arc::new(Dialer {
+        label,
+        auth: auth_method(cfg),
+        tls: tls_wanted(cfg),
+        max_delay: cfg.reconnect_delay_max,
+        state: Mutex::new(DialState::default()),
+    });
     if primary {
         opts = opts.name(&cfg.name).no_echo();
     } else {
         opts = opts.name(format!("{}-queue-member", cfg.name));
     }
+    let pick = dialer.clone();
+    let events = dialer.clone();
+    let events_bridge = bridge.clone();
+    let give_up = give_up.clone();
+    let max_reconnects = cfg.max_reconnects;
     opts = opts
         .retry_on_initial_connect()
         .connection_timeout(cfg.connect_timeout)
@@ -68,15 +136,16 @@ async fn connect_as(
         } else {
             Some(cfg.max_reconnects)
         })
-        .reconnect_delay_callback(move |attempts| backoff(attempts, max_delay))
+        .reconnect_to_server_callback(move |pool, _info| {
+            let choice = pick.next(&pool);
+            async move { choice }
+        })
         .event_callback(move |event| {
             let bridge = events_bridge.clone();
+            let dialer = events.clone();
+            let give_up = give_up.clone();
             async move {
-                if primary {
-                    on_event(&bridge, event)
-                } else {
-                    tracing::info!("NATS queue-member connection: {event}");
-                }
+                dialer.on_event(&bridge, primary, event, max_reconnects, &give_up);
             }
         });
     let servers: Vec<ServerAddr> = cfg
@@ -86,6 +155,266 @@ async fn connect_as(
         .collect::<Result<_, _>>()?;
     let client = opts.connect(servers).await?;
     Ok(client)
+}
+
+/// Picks the server for each connection attempt and reports how the last
+/// attempt went: the client library tells its callback the state of every
+/// server in the pool, including the last error of each.
+struct Dialer {
+    label: &'static str,
+    auth: String,
+    tls: bool,
+    max_delay: Duration,
+    state: Mutex<DialState>,
+}
+
+#[derive(Default)]
+struct DialState {
+    /// The server of the last attempt and its failure count when chosen.
+    last: Option<(ServerAddr, usize)>,
+    /// Failed attempts in a row, for the back-off.
+    failures: usize,
+    /// The server of the current (or last) connection, for log lines.
+    current: Option<String>,
+}
+
+impl Dialer {
+    fn next(&self, pool: &[Server]) -> Option<ReconnectToServer> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((addr, failed_before)) = st.last.take() {
+            match pool.iter().find(|s| s.addr == addr) {
+                Some(s) if s.failed_attempts > failed_before => {
+                    st.failures += 1;
+                    self.report_failure(s);
+                }
+                _ => st.failures = 0,
+            }
+        }
+        // Configured order, fewest recent failures first (the sort is stable).
+        let mut order: Vec<&Server> = pool.iter().collect();
+        order.sort_by_key(|s| s.failed_attempts);
+        let target = order.first()?;
+        st.last = Some((target.addr.clone(), target.failed_attempts));
+        st.current = Some(target.addr.as_url_str().to_string());
+        let delay = backoff(st.failures + 1, self.max_delay);
+        tracing::debug!(server = %target.addr.as_url_str(), delay_ms = delay.as_millis() as u64, "{}: connecting", self.label);
+        Some(ReconnectToServer {
+            addr: target.addr.clone(),
+            delay: Some(delay),
+        })
+    }
+
+    fn report_failure(&self, s: &Server) {
+        let url = s.addr.as_url_str();
+        let error = s.last_error.as_deref().unwrap_or("unknown error");
+        let lower = error.to_ascii_lowercase();
+        if lower.contains("authorization violation") || lower.contains("authentication") {
+            tracing::error!(
+                server = %url,
+                auth = %self.auth,
+                "{}: the server at {url} refused the bridge's credentials (method: {}): {error}",
+                self.label,
+                self.auth
+            );
+        } else if self.tls
+            && (lower.contains("tls")
+                || lower.contains("certificate")
+                || lower.contains("handshake")
+                || lower.contains("corrupt"))
+        {
+            let hint = if lower.contains("certificaterequired") {
+                "the server asks for a client certificate: set nats.tls_client_cert and \
+                 nats.tls_client_key"
+            } else if lower.contains("unknownissuer") || lower.contains("badsignature") {
+                "the server's certificate is not signed by a CA in nats.tls_ca_file (or, \
+                 without it, by one of the system's CAs)"
+            } else if lower.contains("notvalidforname") {
+                "the server's certificate is not valid for the host name in the server URL"
+            } else if lower.contains("expired") || lower.contains("notvalidyet") {
+                "the server's certificate is outside its validity period"
+            } else {
+                "TLS is required (nats.tls_required, a tls:// URL or the configured TLS \
+                 files): does the server offer TLS on this port?"
+            };
+            tracing::error!(
+                server = %url,
+                "{}: TLS with the server at {url} failed: {error} ({hint})",
+                self.label
+            );
+        } else {
+            tracing::warn!(
+                server = %url,
+                auth = %self.auth,
+                "{}: cannot connect to {url}: {error}",
+                self.label
+            );
+        }
+    }
+
+    fn current(&self) -> String {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.current.clone().unwrap_or_default()
+    }
+
+    fn on_event(
+        &self,
+        bridge: &Bridge,
+        primary: bool,
+        event: Event,
+        max_reconnects: usize,
+        give_up: &GiveUp,
+    ) {
+        let label = self.label;
+        match event {
+            Event::Connected => {
+                let server = self.current();
+                if primary {
+                    bridge.nats_up.notify_waiters();
+                    bridge.metrics.nats_connected.set(1.0);
+                    bridge.learn_server_limit();
+                    if let Some(c) = bridge.nats() {
+                        let info = c.server_info();
+                        tracing::info!(
+                            %server,
+                            server_name = %info.server_name,
+                            version = %info.version,
+                            max_payload = info.max_payload,
+                            auth = %self.auth,
+                            "{label} connected to {server}"
+                        );
+                        return;
+                    }
+                }
+                tracing::info!(%server, auth = %self.auth, "{label} connected to {server}");
+            }
+            Event::Disconnected => {
+                if primary {
+                    bridge.metrics.nats_connected.set(0.0);
+                }
+                let server = self.current();
+                tracing::warn!(%server, "{label} disconnected from {server}; reconnecting");
+            }
+            Event::SlowConsumer(sid) => {
+                telemetry::dropped("", telemetry::TO_SOCKETIO, "nats_slow_consumer", 1);
+                bridge.warn_limited(
+                    "nats_slow_consumer",
+                    format_args!(
+                        "NATS subscription {sid} is a slow consumer: messages were dropped"
+                    ),
+                );
+            }
+            Event::LameDuckMode => {
+                tracing::warn!(server = %self.current(), "{label}: the server entered lame duck mode")
+            }
+            Event::Draining => tracing::info!("{label} draining"),
+            Event::Closed => {
+                if primary {
+                    bridge.metrics.nats_connected.set(0.0);
+                }
+                tracing::info!("{label} closed");
+            }
+            Event::ServerError(e) => {
+                tracing::error!(server = %self.current(), "{label}: server error: {e}")
+            }
+            Event::ClientError(ClientError::MaxReconnects) => {
+                if primary {
+                    bridge.metrics.nats_connected.set(0.0);
+                }
+                let why = format!(
+                    "{label}: gave up after {max_reconnects} failed connection attempts in a row \
+                     (nats.max_reconnects = {max_reconnects}); the bridge stops so that it can be \
+                     restarted"
+                );
+                tracing::error!("{why}");
+                let _ = give_up.send(why);
+            }
+            // A failed attempt: reported with its server by `Dialer::next`.
+            Event::ClientError(ClientError::Other(e)) => tracing::debug!("{label}: {e}"),
+            Event::ClientError(e) => tracing::error!("{label}: client error: {e}"),
+        }
+    }
+}
+
+/// Confirms publishes with a round trip through the server: NATS core has no
+/// publish acknowledgement, and the client's `flush()` only empties its own
+/// socket buffer. The server handles a connection's messages in order, so
+/// its answer to a request sent after a publish proves it has the publish.
+/// The request goes to a subject nobody serves (`_INBOX.<instance>.roundtrip`)
+/// and the server's "no responders" status is the answer; one request
+/// confirms every publish made before it, so a burst of acks costs one round
+/// trip. (The bridge's NATS user must be allowed to publish there, as with
+/// the usual `_INBOX.>` permissions of request/reply clients.)
+#[derive(Clone)]
+pub struct RoundTrip {
+    tx: mpsc::UnboundedSender<(socketioxide::extract::AckSender, u64)>,
+    stats: Arc<async_nats::Statistics>,
+}
+
+impl RoundTrip {
+    pub fn start(client: async_nats::Client, instance_id: &str) -> RoundTrip {
+        use std::sync::atomic::Ordering;
+        let (tx, mut rx) = mpsc::unbounded_channel::<(socketioxide::extract::AckSender, u64)>();
+        let stats = client.statistics();
+        let connects = stats.clone();
+        let subject = format!("_INBOX.{instance_id}.roundtrip");
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut waiting = vec![first];
+                while let Ok(more) = rx.try_recv() {
+                    waiting.push(more);
+                }
+                let answer = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.request(subject.clone(), bytes::Bytes::new()),
+                )
+                .await;
+                let result = match answer {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e))
+                        if e.kind() == async_nats::client::RequestErrorKind::NoResponders =>
+                    {
+                        Ok(())
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!("NATS did not confirm {} publish(es): {e}", waiting.len());
+                        Err("NATS did not confirm the publish")
+                    }
+                    Err(_) => {
+                        tracing::warn!(
+                            "NATS did not confirm {} publish(es) within 5s",
+                            waiting.len()
+                        );
+                        Err("NATS did not confirm the publish")
+                    }
+                };
+                // An answer on a newer connection says nothing of a publish
+                // written to the one before it.
+                let now = connects.connects.load(Ordering::Relaxed);
+                for (ack, at) in waiting {
+                    let result = match result {
+                        Ok(()) if at != now => Err(
+                            "the NATS connection was re-established meanwhile: the publish may be lost",
+                        ),
+                        r => r,
+                    };
+                    crate::bridge::reply(Some(ack), result);
+                }
+            }
+        });
+        RoundTrip { tx, stats }
+    }
+
+    /// Acknowledges `ack` once the server has everything published so far.
+    pub fn ack_after(&self, ack: socketioxide::extract::AckSender) {
+        let at = self
+            .stats
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed);
+        // the task lives as long as the client; if it is gone, so is NATS
+        if let Err(e) = self.tx.send((ack, at)) {
+            crate::bridge::reply(Some(e.0 .0), Err("NATS did not confirm the publish"));
+        }
+    }
 }
 
 /// Capped exponential back-off with jitter, so a fleet of bridges does not
@@ -100,43 +429,6 @@ pub fn backoff(attempts: usize, max: Duration) -> Duration {
         .saturating_mul(1u32 << exp)
         .min(max);
     capped.mul_f64(rand::rng().random_range(0.5..=1.0))
-}
-
-fn on_event(bridge: &Bridge, event: Event) {
-    match event {
-        Event::Connected => {
-            bridge.metrics.nats_connected.set(1.0);
-            bridge.learn_server_limit();
-            if let Some(c) = bridge.nats() {
-                let info = c.server_info();
-                tracing::info!(
-                    server = %info.server_name,
-                    version = %info.version,
-                    max_payload = info.max_payload,
-                    "NATS connected"
-                );
-            }
-        }
-        Event::Disconnected => {
-            bridge.metrics.nats_connected.set(0.0);
-            tracing::warn!("NATS disconnected; reconnecting");
-        }
-        Event::SlowConsumer(sid) => {
-            telemetry::dropped("", telemetry::TO_SOCKETIO, "nats_slow_consumer", 1);
-            bridge.warn_limited(
-                "nats_slow_consumer",
-                format_args!("NATS subscription {sid} is a slow consumer: messages were dropped"),
-            );
-        }
-        Event::LameDuckMode => tracing::warn!("NATS server entered lame duck mode"),
-        Event::Draining => tracing::info!("NATS connection draining"),
-        Event::Closed => {
-            bridge.metrics.nats_connected.set(0.0);
-            tracing::error!("NATS connection closed");
-        }
-        Event::ServerError(e) => tracing::error!("NATS server error: {e}"),
-        Event::ClientError(e) => tracing::error!("NATS client error: {e}"),
-    }
 }
 
 #[cfg(test)]
@@ -154,5 +446,48 @@ mod tests {
             assert!(d >= Duration::from_millis(50), "{a}: {d:?}");
         }
         assert!(backoff(30, max) >= max / 2);
+    }
+
+    fn server(url: &str, failed: usize) -> Server {
+        // Server has no public constructor: build one through its fields.
+        Server {
+            addr: url.parse().unwrap(),
+            failed_attempts: failed,
+            did_connect: false,
+            is_discovered: false,
+            last_error: (failed > 0).then(|| "IO error: connection refused".to_string()),
+        }
+    }
+
+    fn dialer() -> Dialer {
+        Dialer {
+            label: "NATS",
+            auth: "token".into(),
+            tls: false,
+            max_delay: Duration::from_secs(1),
+            state: Mutex::new(DialState::default()),
+        }
+    }
+
+    #[test]
+    fn servers_are_tried_in_order_failed_ones_last() {
+        let d = dialer();
+        let a = "nats://a:4222";
+        let b = "nats://b:4222";
+        let pick = |pool: &[Server]| d.next(pool).unwrap().addr.as_url_str().to_string();
+        // first attempt: the first server, at once
+        let first = d.next(&[server(a, 0), server(b, 0)]).unwrap();
+        assert_eq!(first.addr.as_url_str(), a);
+        assert_eq!(first.delay, Some(Duration::ZERO));
+        // a failed: b next, after a back-off
+        let second = d.next(&[server(a, 1), server(b, 0)]).unwrap();
+        assert_eq!(second.addr.as_url_str(), b);
+        assert!(second.delay.unwrap() >= Duration::from_millis(50));
+        assert_eq!(d.state.lock().unwrap().failures, 1);
+        // b connected (its count did not grow) and later dropped: b has 0, a 1
+        assert_eq!(pick(&[server(a, 1), server(b, 0)]), b);
+        assert_eq!(d.state.lock().unwrap().failures, 0);
+        // both failed once: configured order again
+        assert_eq!(pick(&[server(a, 1), server(b, 1)]), a);
     }
 }

@@ -599,9 +599,9 @@ fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: &async_nats::Message) ->
 }
 
 /// Gives a point-to-point message back to the queue group, once. Published
-/// on the queue connection, after its unsubscribe, so the server does not
-/// choose this bridge again.
-async fn requeue(
+/// on `qclient`, the connection whose queue subscription let it go, after
+/// its unsubscribe, so the server does not choose this bridge again.
+pub(crate) async fn requeue(
     bridge: &Arc<Bridge>,
     qclient: &async_nats::Client,
     route: usize,

@@ -54,7 +54,11 @@ pub const NO_ROUTE: &str = "(none)";
 pub const TO_NATS: &str = "to_nats";
 pub const TO_SOCKETIO: &str = "to_socketio";
 
-pub fn init_logging(cfg: &LogConfig) {
+/// Installs the log subscriber. Every line goes through [`Redact`], which
+/// replaces the configured secrets with `***`: whatever a library writes at
+/// whatever level (a WebSocket client traces its whole handshake request,
+/// headers included), no secret reaches the log.
+pub fn init_logging(cfg: &LogConfig, secrets: &[String]) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("RUST_LOG")
         .ok()
@@ -64,10 +68,90 @@ pub fn init_logging(cfg: &LogConfig) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
+        .with_writer(Redact::new(secrets));
     match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.with_target(false).init(),
+    }
+}
+
+/// A writer for the log subscriber: standard error, with every secret (and
+/// its escaped forms, as a Debug or JSON formatter writes them) replaced.
+/// The formatter writes each event in one call, so a secret is never split.
+#[derive(Clone)]
+pub struct Redact {
+    patterns: std::sync::Arc<Vec<String>>,
+}
+
+impl Redact {
+    pub fn new(secrets: &[String]) -> Redact {
+        let mut patterns: Vec<String> = Vec::new();
+        for s in secrets.iter().filter(|s| !s.is_empty()) {
+            let debug = format!("{s:?}");
+            let debug = debug[1..debug.len() - 1].to_string();
+            for form in [
+                s.clone(),
+                debug.clone(),
+                json_escaped(s),
+                json_escaped(&debug),
+            ] {
+                if !patterns.contains(&form) {
+                    patterns.push(form);
+                }
+            }
+        }
+        // longest first, so a secret containing another is replaced whole
+        patterns.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        Redact {
+            patterns: std::sync::Arc::new(patterns),
+        }
+    }
+
+    /// `line` with every secret replaced by `***`.
+    pub fn apply<'a>(&self, line: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut out = std::borrow::Cow::Borrowed(line);
+        for p in self.patterns.iter() {
+            if out.contains(p.as_str()) {
+                out = std::borrow::Cow::Owned(out.replace(p.as_str(), "***"));
+            }
+        }
+        out
+    }
+}
+
+fn json_escaped(s: &str) -> String {
+    let j = serde_json::to_string(s).unwrap_or_default();
+    j[1..j.len() - 1].to_string()
+}
+
+pub struct RedactWriter {
+    redact: Redact,
+}
+
+impl std::io::Write for RedactWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut err = std::io::stderr().lock();
+        if self.redact.patterns.is_empty() {
+            err.write_all(buf)?;
+        } else {
+            let text = String::from_utf8_lossy(buf);
+            err.write_all(self.redact.apply(&text).as_bytes())?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Redact {
+    type Writer = RedactWriter;
+
+    fn make_writer(&'a self) -> RedactWriter {
+        RedactWriter {
+            redact: self.clone(),
+        }
     }
 }
 
@@ -199,10 +283,19 @@ const ROUTE_SERIES: &[Series] = &[
         queue_only: true,
         ..series(SUPPRESSED, TO_NATS, "consumed_on_trade_feed", ATTACH)
     },
+    series(SUPPRESSED, TO_NATS, "from_bridge", ATTACH),
+    series(SUPPRESSED, TO_NATS, "peer_mirrored", ATTACH),
+    series(SUPPRESSED, TO_NATS, "left_to_active", ATTACH),
+    series(DROPPED, TO_NATS, "standby_buffer_full", ATTACH),
     series(DROPPED, TO_SOCKETIO, "client_buffer_full", SERVER),
     series(DROPPED, TO_SOCKETIO, "upstream_buffer_full", ATTACH),
+    series(DROPPED, TO_SOCKETIO, "standby_buffer_full", ATTACH),
     series(REJECTED, TO_SOCKETIO, "invalid_json", BOTH),
+    series(REJECTED, TO_SOCKETIO, "too_large", ATTACH),
     series(SUPPRESSED, TO_SOCKETIO, "own_message", BOTH),
+    series(SUPPRESSED, TO_SOCKETIO, "from_trade_feed", ATTACH),
+    series(SUPPRESSED, TO_SOCKETIO, "peer_delivered", ATTACH),
+    series(SUPPRESSED, TO_SOCKETIO, "left_to_active", ATTACH),
 ];
 
 /// Series with [`NO_ROUTE`]: what is refused before a route is known.
@@ -394,7 +487,10 @@ mod tests {
         let sources = [
             include_str!("bridge.rs"),
             include_str!("server.rs"),
-            include_str!("attach.rs"),
+            include_str!("attach/mod.rs"),
+            include_str!("attach/inbound.rs"),
+            include_str!("attach/nats_side.rs"),
+            include_str!("attach/upstream.rs"),
             include_str!("nats.rs"),
         ];
         let call = regex::Regex::new(
@@ -437,6 +533,18 @@ mod tests {
             found >= 12,
             "only {found} call sites found: the pattern is stale"
         );
+    }
+
+    #[test]
+    fn redact_replaces_secrets_and_their_escaped_forms() {
+        let r = Redact::new(&["s3cr\"et".to_string(), "tok-123".to_string(), String::new()]);
+        assert_eq!(r.apply("token=tok-123 end"), "token=*** end");
+        assert_eq!(r.apply("pw s3cr\"et"), "pw ***");
+        // as a Debug formatter writes it, and that again inside JSON
+        assert_eq!(r.apply(r#"pw "s3cr\"et""#), r#"pw "***""#);
+        assert_eq!(r.apply(r#"{"m":"pw s3cr\\\"et"}"#), r#"{"m":"pw ***"}"#);
+        assert_eq!(r.apply("nothing here"), "nothing here");
+        assert!(matches!(r.apply("clean"), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]

@@ -208,6 +208,22 @@ pub fn bridge_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tradefeed-bridge"))
 }
 
+/// Runs the bridge binary to completion (e.g. `check-config`), with `env`
+/// added and `RUST_LOG` removed: (exit code, stdout, stderr).
+pub fn bridge_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(bridge_bin());
+    cmd.args(args).env_remove("RUST_LOG").stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("bridge binary");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub struct Bridge {
     pub port: u16,
     pub admin_port: u16,
@@ -292,10 +308,10 @@ impl Bridge {
         };
         let mut cmd = Command::new(bridge_bin());
         cmd.arg("--config").arg(config);
+        cmd.env_remove("RUST_LOG"); // unless the test sets it
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.env_remove("RUST_LOG");
         let child = cmd
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -803,4 +819,106 @@ pub fn counts<T: std::hash::Hash + Eq + Clone>(items: &[T]) -> HashMap<T, usize>
         *m.entry(i.clone()).or_insert(0) += 1;
     }
     m
+}
+
+// ------------------------------------------------------------------ latency
+
+/// A loopback TCP relay that delays every byte by `delay` in each
+/// direction (so a round trip through it takes at least twice that), keeping
+/// order and throughput: what a slow network link between two processes
+/// looks like. Connections whose upstream refuses are closed at once.
+pub struct DelayProxy {
+    pub port: u16,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    open: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl DelayProxy {
+    pub fn start(upstream: u16, delay: Duration) -> DelayProxy {
+        use std::sync::atomic::AtomicBool;
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let open: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
+        let (s, o) = (stop.clone(), open.clone());
+        thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                let Ok((client, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(5));
+                    continue;
+                };
+                let _ = client.set_nonblocking(false);
+                let Ok(server) = TcpStream::connect_timeout(
+                    &([127, 0, 0, 1], upstream).into(),
+                    Duration::from_secs(1),
+                ) else {
+                    continue; // dropped: the client sees the connection closed
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                let mut keep = o.lock().unwrap();
+                keep.retain(|c| c.peer_addr().is_ok());
+                for x in [&client, &server] {
+                    if let Ok(c) = x.try_clone() {
+                        keep.push(c);
+                    }
+                }
+                drop(keep);
+                let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                delayed_pump(client, server, delay);
+                delayed_pump(s2, c2, delay);
+            }
+        });
+        DelayProxy { port, stop, open }
+    }
+
+    pub fn url(&self, scheme: &str) -> String {
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for DelayProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for c in self.open.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Reads `from` and writes each chunk to `to` once it is `delay` old.
+fn delayed_pump(mut from: TcpStream, mut to: TcpStream, delay: Duration) {
+    use std::io::Read;
+    let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
+    thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = from.shutdown(std::net::Shutdown::Read);
+    });
+    thread::spawn(move || {
+        // the channel ends when the reader does: then close the other side
+        for (due, chunk) in rx {
+            let now = Instant::now();
+            if due > now {
+                thread::sleep(due - now); // the simulated latency itself
+            }
+            if to.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Both);
+    });
 }

@@ -5,11 +5,17 @@
 //
 // Usage: node tests/node/hub.js [--port N] [--host H] [--path /socket.io]
 //                               [--allow-eio3] [--quiet] [--exit-on-stdin-close]
+//                               [--auth-file FILE]
 // Environment (command line wins): TRADE_FEED_PORT, TRADE_FEED_HOST,
 // TRADE_FEED_PATH, TRADE_FEED_ALLOW_EIO3=1.
 // --port 0 picks a free port. Once listening, prints exactly one line
 // {"ev":"listening","port":N} on stdout. Connections are logged to stderr
 // unless --quiet; messages are never logged.
+// --auth-file: a JSON file {"headers": {"x-api-key": "..."}, "token": "..."}
+// read at every connection (so a test can change it while the hub runs): a
+// client whose handshake lacks one of the headers, or whose CONNECT auth
+// token differs, is refused with CONNECT_ERROR "unauthorized" (trade-feed
+// itself has no authentication; deployments put it in front of it).
 'use strict';
 
 const http = require('http');
@@ -24,6 +30,7 @@ function parseArgs(argv) {
     allowEIO3: /^(1|true|yes)$/i.test(env.TRADE_FEED_ALLOW_EIO3 || ''),
     quiet: false,
     exitOnStdinClose: false,
+    authFile: null,
   };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
@@ -38,6 +45,7 @@ function parseArgs(argv) {
       case '--allow-eio3': opts.allowEIO3 = true; break;
       case '--quiet': opts.quiet = true; break;
       case '--exit-on-stdin-close': opts.exitOnStdinClose = true; break;
+      case '--auth-file': opts.authFile = value(); break;
       case '-h': case '--help': usage(); break;
       default: usage(`unknown argument ${a}`);
     }
@@ -51,7 +59,7 @@ function parseArgs(argv) {
 function usage(err) {
   if (err) process.stderr.write(`hub: ${err}\n`);
   process.stderr.write('usage: hub.js [--port N] [--host H] [--path /socket.io] ' +
-    '[--allow-eio3] [--quiet] [--exit-on-stdin-close]\n');
+    '[--allow-eio3] [--quiet] [--exit-on-stdin-close] [--auth-file FILE]\n');
   process.exit(err ? 2 : 0);
 }
 
@@ -67,6 +75,26 @@ const io = new Server(httpServer, {
 });
 
 const CATCH_ALL = '/*';
+
+if (opts.authFile) {
+  const fs = require('fs');
+  io.use((socket, next) => {
+    let want;
+    try {
+      want = JSON.parse(fs.readFileSync(opts.authFile, 'utf8'));
+    } catch (e) {
+      return next(new Error(`auth file: ${e.message}`));
+    }
+    const headers = socket.handshake.headers;
+    for (const [k, v] of Object.entries(want.headers || {})) {
+      if (headers[k.toLowerCase()] !== v) return next(new Error('unauthorized'));
+    }
+    if (want.token !== undefined && (socket.handshake.auth || {}).token !== want.token) {
+      return next(new Error('unauthorized'));
+    }
+    next();
+  });
+}
 
 // One emit to the union of both rooms: a socket in both gets one copy.
 function broadcast(topic, type, from, payload) {

@@ -5,7 +5,7 @@
 'use strict';
 
 const readline = require('readline');
-const { connect, headers } = require('nats');
+const { connect, headers, nkeyAuthenticator, credsAuthenticator } = require('nats');
 
 let nc = null;
 const subs = new Map(); // sid -> Subscription
@@ -53,6 +53,13 @@ async function doConnect(c) {
   // Optional extras (not in the README): reconnect tuning for restart tests.
   if (c.maxReconnectAttempts !== undefined) opts.maxReconnectAttempts = c.maxReconnectAttempts;
   if (c.reconnectTimeWait !== undefined) opts.reconnectTimeWait = c.reconnectTimeWait;
+  // Authentication and TLS, for tests against a secured server.
+  if (c.token !== undefined) opts.token = c.token;
+  if (c.user !== undefined) opts.user = c.user;
+  if (c.pass !== undefined) opts.pass = c.pass;
+  if (c.nkeySeed !== undefined) opts.authenticator = nkeyAuthenticator(new TextEncoder().encode(c.nkeySeed));
+  if (c.creds !== undefined) opts.authenticator = credsAuthenticator(new TextEncoder().encode(c.creds));
+  if (c.tls && typeof c.tls === 'object') opts.tls = c.tls; // {caFile, certFile, keyFile}
   nc = await connect(opts);
   subs.clear();
   watchStatus(nc).catch((e) => diag(`status: ${e.message}`));

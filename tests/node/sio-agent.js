@@ -61,6 +61,92 @@ function doEmit(c) {
   socket.emit(c.event, ...args);
 }
 
+// "iterate": count fresh connections, `concurrency` at a time. Each emits
+// subscribe(topic) and publish({topic, type, payload: {...payload, i}}) right
+// after io() (socket.io-client sends them the instant CONNECT is answered),
+// waits for its join notice, its ack (when asked) and its own publish coming
+// back through the room (when echo), then disconnects and reports one
+// "iteration" event. Ends with an "iterated" event.
+function doIterate(c) {
+  if (typeof c.url !== 'string' || typeof c.topic !== 'string') throw new Error('iterate: url and topic are required');
+  const count = c.count | 0;
+  const concurrency = Math.max(1, c.concurrency | 0 || 1);
+  const base = c.payload && typeof c.payload === 'object' ? c.payload : {};
+  const type = c.type || 'TradeOrder';
+  const echo = c.echo !== false;
+  const timeoutMs = c.timeoutMs || 15000;
+  const wantAck = (i) => c.ack === true || (c.ack === 'alternate' && i % 2 === 0);
+  const opts = { path: c.path || '/socket.io', reconnection: false, forceNew: true };
+  if (Array.isArray(c.transports)) opts.transports = c.transports;
+  let next = 0;
+  let running = 0;
+  let done = 0;
+  let failed = 0;
+  const mine = (env, i) => env && env.from !== 'System' && env.payload && env.payload.i === i &&
+    Object.keys(base).every((k) => env.payload[k] === base[k]);
+  function start(i) {
+    running++;
+    const t0 = Date.now();
+    const rec = { ev: 'iteration', i };
+    const ack = wantAck(i);
+    let joined = false;
+    let acked = !ack;
+    let echoed = !echo;
+    let finished = false;
+    let timer = null;
+    const s = io(c.url, opts);
+    const finish = (err) => {
+      if (finished) return;
+      finished = true;
+      clearTimeout(timer);
+      if (err) { rec.error = err; failed++; }
+      rec.ms = Date.now() - t0;
+      s.disconnect();
+      out(rec);
+      running--;
+      done++;
+      launch();
+    };
+    const check = () => { if (joined && acked && echoed) finish(null); };
+    s.on('connect', () => {
+      rec.id = s.id;
+      rec.connectMs = Date.now() - t0;
+      rec.transport = s.io.engine.transport.name;
+    });
+    s.on('connect_error', (err) => finish(`connect_error: ${err && err.message || err}`));
+    s.on('disconnect', (reason) => finish(`disconnected: ${reason}`));
+    s.on('publish', (env) => {
+      if (env && env.from === 'System' && env.payload && s.id &&
+          env.payload.message === `New Joiner ${s.id} to topic ${c.topic}`) {
+        joined = true;
+      } else if (mine(env, i)) {
+        rec.echo = env;
+        echoed = true;
+      }
+      check();
+    });
+    s.emit('subscribe', c.topic);
+    const msg = { topic: c.topic, type, payload: Object.assign({}, base, { i }) };
+    if (ack) {
+      s.emit('publish', msg, (...args) => {
+        rec.ack = args;
+        rec.ackMs = Date.now() - t0;
+        acked = true;
+        check();
+      });
+    } else {
+      s.emit('publish', msg);
+    }
+    timer = setTimeout(() => finish('timeout waiting for ' +
+      [!joined && 'join notice', !acked && 'ack', !echoed && 'echo'].filter(Boolean).join(', ')), timeoutMs);
+  }
+  function launch() {
+    while (running < concurrency && next < count) start(next++);
+    if (done === count && running === 0) out({ ev: 'iterated', count, failed });
+  }
+  launch();
+}
+
 function handle(line) {
   if (!line.trim()) return;
   let c;
@@ -75,6 +161,7 @@ function handle(line) {
     switch (c.cmd) {
       case 'connect': doConnect(c); break;
       case 'emit': doEmit(c); break;
+      case 'iterate': doIterate(c); break;
       case 'disconnect': closeSocket(); break;
       case 'exit': exit(seq); return;
       default: throw new Error(`unknown command ${JSON.stringify(c.cmd)}`);

@@ -195,6 +195,115 @@ class Connection:
             diag(f"shutdown: {e}")
 
 
+def _iteration(c, i, base, results):
+    """One fresh connection of "iterate": subscribe and publish from the
+    connect handler (python-socketio refuses to emit before connect() is
+    done), wait for the join notice, the ack (when asked) and the echo."""
+    topic = c["topic"]
+    want_ack = c.get("ack") is True or (c.get("ack") == "alternate" and i % 2 == 0)
+    echo = c.get("echo", True) is not False
+    timeout = (c.get("timeoutMs") or 15000) / 1000.0
+    rec = {"ev": "iteration", "i": i}
+    state = {"joined": False, "acked": not want_ack, "echoed": not echo}
+    done = threading.Event()
+    t0 = time.monotonic()
+    sio = socketio.Client(reconnection=False, logger=False, engineio_logger=False)
+    payload = dict(base)
+    payload["i"] = i
+
+    def check():
+        if state["joined"] and state["acked"] and state["echoed"]:
+            done.set()
+
+    def on_ack(*args):
+        rec["ack"] = list(args)
+        rec["ackMs"] = int((time.monotonic() - t0) * 1000)
+        state["acked"] = True
+        check()
+
+    def on_connect():
+        rec["id"] = sio.get_sid("/")
+        rec["connectMs"] = int((time.monotonic() - t0) * 1000)
+        rec["transport"] = sio.transport()
+        sio.emit("subscribe", (topic,))
+        msg = {"topic": topic, "type": c.get("type") or "TradeOrder", "payload": payload}
+        sio.emit("publish", (msg,), callback=on_ack if want_ack else None)
+
+    def on_publish(env=None, *rest):
+        if not isinstance(env, dict):
+            return
+        p = env.get("payload")
+        if env.get("from") == "System":
+            sid = rec.get("id")
+            if sid and isinstance(p, dict) and p.get("message") == f"New Joiner {sid} to topic {topic}":
+                state["joined"] = True
+        elif isinstance(p, dict) and p.get("i") == i and all(p.get(k) == v for k, v in base.items()):
+            rec["echo"] = env
+            state["echoed"] = True
+        check()
+
+    def on_disconnect(reason=None):
+        if not done.is_set():
+            rec.setdefault("error", f"disconnected: {reason}")
+            done.set()
+
+    sio.on("connect", on_connect)
+    sio.on("publish", on_publish)
+    sio.on("disconnect", on_disconnect)
+    try:
+        sio.connect(
+            c["url"],
+            transports=c.get("transports"),
+            namespaces=["/"],
+            socketio_path=c.get("path") or "/socket.io",
+            wait_timeout=timeout,
+        )
+        if not done.wait(timeout):
+            missing = [n for n, k in (("join notice", "joined"), ("ack", "acked"), ("echo", "echoed"))
+                       if not state[k]]
+            rec["error"] = "timeout waiting for " + ", ".join(missing)
+    except Exception as e:  # noqa: BLE001
+        rec["error"] = f"connect_error: {e}"
+    rec["ms"] = int((time.monotonic() - t0) * 1000)
+    out(rec)
+    results.append("error" not in rec)
+    # python-engineio's disconnect() can block (see Connection.close): don't wait long
+    t = threading.Thread(target=sio.disconnect, name="iter-close", daemon=True)
+    t.start()
+    t.join(2.0)
+
+
+def iterate(c):
+    if not isinstance(c.get("url"), str) or not isinstance(c.get("topic"), str):
+        raise ValueError("iterate: url and topic are required")
+    count = int(c.get("count") or 0)
+    concurrency = max(1, int(c.get("concurrency") or 1))
+    base = dict(c.get("payload") or {})
+    lock = threading.Lock()
+    counter = {"next": 0}
+    results = []
+
+    def worker():
+        while True:
+            with lock:
+                i = counter["next"]
+                if i >= count:
+                    return
+                counter["next"] = i + 1
+            _iteration(c, i, base, results)
+
+    def run():
+        workers = [threading.Thread(target=worker, name=f"iter-{k}", daemon=True)
+                   for k in range(concurrency)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        out({"ev": "iterated", "count": count, "failed": results.count(False)})
+
+    threading.Thread(target=run, name="iterate", daemon=True).start()
+
+
 conn = None
 
 
@@ -224,6 +333,8 @@ def handle(line):
             if not isinstance(event, str):
                 raise ValueError("emit: event is required")
             conn.emit(event, c.get("args") or [], seq if c.get("ack") else None)
+        elif cmd == "iterate":
+            iterate(c)
         elif cmd == "disconnect":
             if conn is not None:
                 conn.close()

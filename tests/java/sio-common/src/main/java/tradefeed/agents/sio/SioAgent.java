@@ -89,6 +89,12 @@ public abstract class SioAgent implements AgentIO.Handler {
                 });
                 return false;
             }
+            case "iterate": {
+                Thread t = new Thread(new Iterations(c), "iterate");
+                t.setDaemon(true);
+                t.start();
+                return true;
+            }
             case "disconnect": {
                 Socket s = socket;
                 retireWatch();

@@ -1,0 +1,243 @@
+//! The NATS side of attach mode: the subscriptions (including the
+//! watch-only ones that let a standby see what the active bridge
+//! publishes), recognising a bridge's mirror of a trade-feed message, and
+//! the queue-group member of point-to-point routes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::Value;
+
+use super::{ledger, Attach, Role};
+use crate::bridge::{H_ORIGIN, H_TOPIC};
+use crate::route::Delivery;
+use crate::telemetry::{self, TO_NATS, TO_SOCKETIO};
+
+impl Attach {
+    /// A message on one of the bridge's NATS subscriptions. `serves` are the
+    /// routes it delivers to trade-feed (empty for a watch-only subscription).
+    pub(super) fn on_nats(&self, msg: &async_nats::Message, serves: &[usize]) {
+        let headers = msg.headers.as_ref();
+        let origin = headers.and_then(|h| h.get(H_ORIGIN)).map(|v| v.as_str());
+        if origin == Some(self.bridge.instance_id.as_str()) {
+            return;
+        }
+        if let Some(topic) = headers.and_then(|h| h.get(H_TOPIC)).map(|v| v.as_str()) {
+            if self.is_mirror_of_ours(msg, topic) {
+                return;
+            }
+        }
+        if serves.is_empty() {
+            return;
+        }
+        let mut pending = None;
+        self.bridge
+            .nats_to_legacy(msg, serves, |route, topic, env| {
+                pending = self.pending(route, topic, env);
+            });
+        if let Some(p) = pending {
+            self.to_legacy(p);
+        }
+    }
+
+    /// A bridge's NATS mirror of a legacy message that this bridge saw on
+    /// trade-feed: it came from trade-feed and must not go back there. For a
+    /// standby it also shows that the active bridge carried it.
+    fn is_mirror_of_ours(&self, msg: &async_nats::Message, legacy_topic: &str) -> bool {
+        let Ok(env) = serde_json::from_slice::<Value>(&msg.payload) else {
+            return false;
+        };
+        let key = ledger::legacy_key(
+            legacy_topic,
+            &env["from"],
+            &env["date"],
+            env.get("type").unwrap_or(&Value::Null),
+            env.get("payload"),
+        );
+        let mut st = self.state();
+        let keep = st.role == Role::Standby;
+        let Some(held) = st.legacy.sight(&key, Instant::now(), keep) else {
+            return false;
+        };
+        drop(st);
+        let route = self
+            .bridge
+            .routes
+            .route_for_topic(legacy_topic)
+            .map_or("", |r| r.name.as_str());
+        match held {
+            Some(_) => telemetry::suppressed(route, TO_NATS, "peer_mirrored"),
+            None => telemetry::suppressed(route, TO_SOCKETIO, "from_trade_feed"),
+        }
+        true
+    }
+}
+
+/// Subscribes on NATS: the routes' subjects for NATS -> legacy, and the
+/// subjects of routes that carry legacy traffic to NATS, so that a standby
+/// sees what the active bridge publishes.
+pub(super) async fn subscribe_nats(
+    attach: &Arc<Attach>,
+    client: &async_nats::Client,
+) -> anyhow::Result<()> {
+    let routes = &attach.bridge.routes;
+    let mut subs: Vec<(String, Vec<usize>)> = routes.subscriptions();
+    for r in routes.routes().iter().filter(|r| r.direction.to_nats()) {
+        let pattern = r.subject.subscription();
+        if !subs.iter().any(|(p, _)| *p == pattern) {
+            subs.push((pattern, Vec::new()));
+        }
+    }
+    for (pattern, serves) in subs {
+        let mut sub = client.subscribe(pattern.clone()).await?;
+        tracing::info!(subject = %pattern, delivers = !serves.is_empty(), "subscribed on NATS");
+        let attach = attach.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                attach.on_nats(&msg, &serves);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Competes in a point-to-point route's queue group while this bridge is
+/// active and attached and the route's consumers are declared to be on
+/// trade-feed; what it is given goes to trade-feed. On leaving the group it
+/// gives back what it was handed and had not sent.
+///
+/// `tradefeed_bridge_queue_member{route}` is 1 from the moment the NATS
+/// server knows the membership. After leaving it turns 0 only once the
+/// subscription is drained (what the server had already sent is given back,
+/// not dropped) and every order already handed to trade-feed has come back
+/// from it (its echo), i.e. trade-feed has given it to its room: a legacy
+/// processor that unsubscribes after that misses nothing.
+pub(super) async fn run_queue_member(
+    attach: Arc<Attach>,
+    client: async_nats::Client,
+    route: usize,
+) {
+    let r = attach.bridge.routes.get(route).clone();
+    let subject = r.subject.as_str().to_string();
+    let group = r.queue_group.clone().unwrap_or_default();
+    let member = metrics::gauge!(telemetry::QUEUE_MEMBER, "route" => r.name.clone());
+    member.set(0.0);
+    metrics::counter!(telemetry::REQUEUED, "route" => r.name.clone()).increment(0);
+    let mut epoch = attach.bridge.membership.subscribe();
+    let mut sub: Option<async_nats::Subscriber> = None;
+    loop {
+        let want = attach.is_active()
+            && attach.attached.load(Ordering::Relaxed)
+            && attach.legacy_consumers(route)
+            && !attach.bridge.shutting_down.load(Ordering::Relaxed);
+        if want && sub.is_none() {
+            match client.queue_subscribe(subject.clone(), group.clone()).await {
+                Ok(s) => {
+                    let _ = client.flush().await;
+                    sub = Some(s);
+                    member.set(1.0);
+                    tracing::info!(%subject, %group, "joined the queue group for trade-feed's consumers");
+                }
+                Err(e) => tracing::warn!(%subject, "cannot join the queue group: {e}"),
+            }
+        } else if !want {
+            if let Some(s) = sub.take() {
+                leave_queue_group(&attach, &client, s, route).await;
+                settled_on_trade_feed(&attach, route).await;
+                member.set(0.0);
+                tracing::info!(%subject, %group, "left the queue group");
+            }
+        }
+        tokio::select! {
+            changed = epoch.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+            msg = next_queued(&mut sub) => match msg {
+                Some(msg) => attach.take_queued(msg, route).await,
+                None => {
+                    sub = None;
+                    member.set(0.0);
+                }
+            },
+        }
+    }
+}
+
+async fn next_queued(sub: &mut Option<async_nats::Subscriber>) -> Option<async_nats::Message> {
+    match sub.as_mut() {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Drains rather than unsubscribes: an unsubscribe drops on arrival the
+/// messages the server already sent this member, a drain still delivers
+/// them. They are given back on the same connection, after its unsubscribe,
+/// so the server does not choose this bridge again.
+async fn leave_queue_group(
+    attach: &Attach,
+    client: &async_nats::Client,
+    mut s: async_nats::Subscriber,
+    route: usize,
+) {
+    if let Err(e) = s.drain().await {
+        tracing::warn!("draining the queue subscription failed: {e}");
+    }
+    // The drain ends with a round trip to the server; bounded in case the
+    // connection is down meanwhile.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, s.next()).await {
+        crate::server::requeue(&attach.bridge, client, route, msg).await;
+    }
+    let _ = client.flush().await;
+}
+
+/// Waits, bounded, until every message of `route` handed to trade-feed has
+/// come back from it (trade-feed echoes a publish to every subscriber, this
+/// bridge included): trade-feed has then given it to its room.
+async fn settled_on_trade_feed(attach: &Attach, route: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let waiting = {
+            let st = attach.state();
+            st.outbox.iter().any(|p| p.route == route) || st.in_flight.any(|p| p.route == route)
+        };
+        if !waiting || !attach.attached.load(Ordering::Relaxed) {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("orders handed to trade-feed were not echoed within 5 s");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+impl Attach {
+    /// An order the queue group gave this bridge for trade-feed's consumers.
+    async fn take_queued(&self, msg: async_nats::Message, route: usize) {
+        if !self.is_active() {
+            if let Some(client) = self.bridge.nats() {
+                crate::server::requeue(&self.bridge, client, route, msg).await;
+            }
+            return;
+        }
+        let mut pending = None;
+        self.bridge
+            .queued_to_legacy(&msg, route, |route, topic, env| {
+                pending = self.pending(route, topic, env);
+            });
+        if let Some(p) = pending {
+            self.to_legacy(p);
+        }
+    }
+
+    /// Whether a route is point-to-point with its consumers on trade-feed.
+    pub(super) fn consumed_on_trade_feed(&self, route: usize) -> bool {
+        self.bridge.routes.get(route).delivery == Delivery::Queue && self.legacy_consumers(route)
+    }
+}
