@@ -76,15 +76,26 @@ impl Attach {
 }
 
 /// Subscribes on NATS: the routes' subjects for NATS -> legacy, and the
-/// subjects of routes that carry legacy traffic to NATS, so that a standby
-/// sees what the active bridge publishes.
+/// subjects of broadcast routes that carry legacy traffic to NATS, so that a
+/// standby sees what the active bridge publishes.
+///
+/// Point-to-point subjects are not watched: any subscription on them counts
+/// as a consumer for the NATS server, which would then never answer "no
+/// responders", and an order published while no processor exists anywhere
+/// would go uncounted (the bridge's `undeliverable`) and unnoticed by a NATS
+/// producer. The cost: at a takeover, legacy orders published on trade-feed
+/// between the old holder's end and the new holder's start are not carried.
 pub(super) async fn subscribe_nats(
     attach: &Arc<Attach>,
     client: &async_nats::Client,
 ) -> anyhow::Result<()> {
     let routes = &attach.bridge.routes;
     let mut subs: Vec<(String, Vec<usize>)> = routes.subscriptions();
-    for r in routes.routes().iter().filter(|r| r.direction.to_nats()) {
+    for r in routes
+        .routes()
+        .iter()
+        .filter(|r| r.direction.to_nats() && r.delivery != Delivery::Queue)
+    {
         let pattern = r.subject.subscription();
         if !subs.iter().any(|(p, _)| *p == pattern) {
             subs.push((pattern, Vec::new()));
