@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the integration tests' agents need: the Node packages of
-# tests/node (from its lock file) and the Python venv tests/.venv.
+# tests/node (from its lock file), the Python venv tests/.venv, the built
+# console and the Java agents.
 # Idempotent and quiet on success; runs from any working directory.
 set -euo pipefail
 
@@ -68,6 +69,9 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 say "go mod download in tests/go/jwtgen"
 (cd "$ROOT/tests/go/jwtgen" && quiet go mod download)
+
+# --- the console (console/ -> console/dist), which the browser tests open --
+bash "$ROOT/scripts/build-console.sh"
 
 # --- Java agents (tests/java) ------------------------------------------------
 # >>> Java step: owned by whoever maintains tests/java. Do not inline here. <<<

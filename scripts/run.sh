@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the bridge in server mode with the TraderX routes (config/traderx.toml):
 # Socket.IO on :18086, admin on :18097, NATS at nats://127.0.0.1:4222. If no
-# NATS server answers there, it starts one (and stops it on exit).
+# NATS server answers there, it starts one (and stops it on exit), with
+# WebSocket on :8081 for the console at http://127.0.0.1:18097/console/.
 # Extra arguments go to the bridge, e.g. scripts/run.sh --config config/traderx-verbatim.toml
 set -euo pipefail
 
@@ -28,11 +29,15 @@ else
   printf 'jetstream { store_dir: "%s" }\n' "$(mktemp -d)" >> "$conf"
   "$bin" -c "$conf" &
   nats_pid=$!
+  # No ingress here: the console reaches that WebSocket listener directly.
+  export TRADEFEED_BRIDGE_CONSOLE__NATS_URL="${TRADEFEED_BRIDGE_CONSOLE__NATS_URL:-ws://127.0.0.1:8081}"
   for _ in $(seq 1 100); do port_open 4222 && break; sleep 0.05; done
 fi
 
 [[ -f /usr/include/openssl/ssl.h ]] || bash scripts/install-system-deps.sh
+bash scripts/build-console.sh || echo "run: the console was not built; /console/ will say so" >&2
 cargo build --release --quiet
+echo "run: console at http://127.0.0.1:18097/console/" >&2
 ./target/release/tradefeed-bridge "$@" &
 bridge_pid=$!
 trap 'kill -TERM $bridge_pid 2>/dev/null; wait $bridge_pid; cleanup' INT TERM

@@ -31,7 +31,11 @@ pub fn router(bridge: Arc<Bridge>, prometheus: PrometheusHandle) -> Router {
             "/api/attach/legacy-consumers/{route}",
             axum::routing::put(set_legacy_consumers),
         )
-        .with_state(Admin { bridge, prometheus })
+        .with_state(Admin {
+            bridge: bridge.clone(),
+            prometheus,
+        })
+        .merge(crate::console::router(bridge))
 }
 
 /// Attach mode: declares whether a point-to-point route's consumers are still

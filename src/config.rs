@@ -29,6 +29,8 @@ pub struct Config {
     pub admin: AdminConfig,
     pub nats: NatsConfig,
     pub log: LogConfig,
+    /// The operator console served at `/console/` on the admin port.
+    pub console: ConsoleConfig,
     /// On SIGTERM or Ctrl-C, how long in-flight messages may take to reach NATS.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -175,6 +177,29 @@ impl Default for AdminConfig {
     }
 }
 
+/// The console page: where its built files are and how it reaches NATS.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ConsoleConfig {
+    /// Directory holding the built page (`index.html`, `app.js`), the output
+    /// of `npm run build` in `console/`. Relative paths are taken from the
+    /// working directory.
+    pub dir: PathBuf,
+    /// NATS WebSocket endpoint the page connects to: a path on the page's
+    /// own origin (ws or wss following the page, as the ingress serves
+    /// `/nats-ws`), or a full `ws://` / `wss://` URL.
+    pub nats_url: String,
+}
+
+impl Default for ConsoleConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("console/dist"),
+            nats_url: "/nats-ws".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
 pub struct NatsConfig {
@@ -259,6 +284,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             nats: NatsConfig::default(),
             log: LogConfig::default(),
+            console: ConsoleConfig::default(),
             drain_timeout: Duration::from_secs(5),
             routes: Vec::new(),
         }
@@ -850,6 +876,15 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         }
     }
 
+    let url = &c.console.nats_url;
+    let absolute = url.starts_with("ws://") || url.starts_with("wss://");
+    if !(absolute || url.starts_with('/')) || url.contains(char::is_whitespace) {
+        p.push(problem(
+            "console.nats_url",
+            format!("`{url}` must be a path such as /nats-ws or a ws:// or wss:// URL"),
+        ));
+    }
+
     if tracing_subscriber::EnvFilter::try_new(&c.log.level).is_err() {
         p.push(problem(
             "log.level",
@@ -1009,6 +1044,25 @@ type = "TradeOrder"
         assert!(!dbg.contains("hunter2"));
         assert!(!c.summary().contains("hunter2"));
         assert_eq!(c.nats.token.unwrap().expose(), "hunter2");
+    }
+
+    #[test]
+    fn console_nats_url_must_be_a_path_or_websocket_url() {
+        for good in [
+            "/nats-ws",
+            "ws://127.0.0.1:8081",
+            "wss://traderx.example/nats-ws",
+        ] {
+            let c = load_str(&format!("[console]\nnats_url = \"{good}\"\n{ROUTE}")).unwrap();
+            assert_eq!(c.console.nats_url, good);
+        }
+        for bad in ["nats-ws", "http://host/nats-ws", "nats://host:4222"] {
+            let err = load_str(&format!("[console]\nnats_url = \"{bad}\"\n{ROUTE}")).unwrap_err();
+            assert!(
+                err.0.iter().any(|p| p.key == "console.nats_url"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -52,6 +52,13 @@ enum Command {
         #[arg(long)]
         show: bool,
     },
+    /// Exit 0 when a running bridge's /readyz answers 200 (for container
+    /// health checks); the address comes from admin.listen unless given.
+    Probe {
+        /// The URL to ask, e.g. http://127.0.0.1:18097/readyz.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Ask a running bridge whether the legacy side is empty: exit 0 when no
     /// legacy client was connected or published and no route carried legacy
     /// traffic for the whole window, 1 (with the reasons) when not, 2 when
@@ -82,6 +89,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig { show } => check_config(&cli.config, show),
         Command::Run => run(&cli.config),
+        Command::Probe { url } => probe(&cli.config, url),
         Command::DecommissionCheck {
             admin_url,
             quiet_for,
@@ -126,6 +134,26 @@ fn prune_check(path: &std::path::Path, exclude: &[PathBuf]) -> ExitCode {
         Err(e) => {
             eprintln!("prune-check: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn probe(path: &std::path::Path, url: Option<String>) -> ExitCode {
+    let url = match url {
+        Some(u) => u,
+        None => match config::load(path, false) {
+            Ok(c) => tradefeed_bridge::probe::readyz_url(&c.admin.listen),
+            Err(e) => {
+                eprint!("{}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match tradefeed_bridge::probe::probe(&url) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(why) => {
+            eprintln!("not ready: {why}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -8,10 +8,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::nginx::{replace_all, Nginx, NginxOpts, Upstreams};
 use common::*;
 use serde_json::{json, Value};
 
@@ -290,109 +290,38 @@ fn ws_upgrade(port: u16, path: &str, origin: &str) -> Resp {
 
 // ------------------------------------------------------------------ nginx
 
-/// nginx in the foreground, everything it writes inside its own directory.
-struct Nginx {
-    port: u16,
-    /// Stopped (SIGTERM) when the handle drops.
-    _proc: Proc,
-    dir: tempfile::TempDir,
-}
-
-/// The TraderX ingress locations for the Socket.IO paths, as a server-block
-/// snippet; `{upstream}` stands for the bridge's host:port.
-fn ingress_locations(upgrade_headers: bool) -> String {
-    let upgrade = if upgrade_headers {
-        "proxy_http_version 1.1;\n        \
-         proxy_set_header Upgrade $http_upgrade;\n        \
-         proxy_set_header Connection \"upgrade\";\n        "
-    } else {
-        ""
+/// The shipped ingress snippets (compose/ingress) in front of `bridge`; with
+/// `upgrade_headers` false, a variant of them without HTTP/1.1 and the
+/// Upgrade/Connection headers.
+fn shipped_ingress(bridge: &Bridge, upgrade_headers: bool) -> Nginx {
+    let up = Upstreams {
+        bridge: Some(bridge.port),
+        ..Default::default()
     };
-    ["/trade-feed/", "/socket.io/"]
-        .iter()
-        .map(|loc| {
-            format!(
-                "location {loc} {{\n        proxy_pass http://{{upstream}};\n        {upgrade}\
-                 proxy_set_header Host $host;\n        proxy_read_timeout 86400;\n    }}\n    "
-            )
-        })
-        .collect()
-}
-
-impl Nginx {
-    /// Serves `locations` (a server-block snippet, `{upstream}` replaced by
-    /// `upstream`); paths no location routes get nginx's 404.
-    fn start(locations: &str, upstream: &str) -> Nginx {
-        let port = free_port();
-        let dir = scratch();
-        let d = dir.path().display().to_string();
-        // as root, nginx's workers would switch to `nobody` and lose the scratch dir
-        let user = if unsafe { libc::geteuid() } == 0 {
-            "user root;"
-        } else {
-            ""
-        };
-        let conf = format!(
-            "{user}
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log info;
-events {{ worker_connections 256; }}
-http {{
-    access_log {d}/access.log;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    server {{
-        listen 127.0.0.1:{port};
-        root {d}/www;
-    {locations}
-    }}
-}}
-",
-            locations = locations.replace("{upstream}", upstream)
-        );
-        let conf_path = dir.path().join("nginx.conf");
-        std::fs::write(&conf_path, &conf).unwrap();
-        let log_path = dir.path().join("nginx.out");
-        let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new("/usr/sbin/nginx")
-            .arg("-p")
-            .arg(dir.path())
-            .arg("-c")
-            .arg(&conf_path)
-            .args(["-g", "daemon off;"])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("nginx (/usr/sbin/nginx)");
-        let mut proc = Proc {
-            child,
-            name: "nginx".into(),
-            log: Some(log_path),
-        };
-        if !wait_for_port(port, Duration::from_secs(10)) {
-            let err = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
-            proc.kill();
-            panic!("nginx did not listen:\n{}\n{err}\n{conf}", proc.log_text());
+    if upgrade_headers {
+        return Nginx::shipped(&up);
+    }
+    let strip = |name: &str, text: &str| {
+        if name != "trade-feed.conf" {
+            return text.to_string();
         }
-        Nginx {
-            port,
-            _proc: proc,
-            dir,
+        let mut t = text.to_string();
+        for line in [
+            "    proxy_http_version 1.1;\n",
+            "    proxy_set_header Upgrade $http_upgrade;\n",
+            "    proxy_set_header Connection $tradefeed_connection_upgrade;\n",
+        ] {
+            t = replace_all(name, &t, line, "");
         }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn error_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
-    }
+        t
+    };
+    Nginx::shipped_with(
+        &up,
+        NginxOpts {
+            edit_locations: Some(Box::new(strip)),
+            ..Default::default()
+        },
+    )
 }
 
 // ------------------------------------------------------------------ B25
@@ -478,10 +407,7 @@ struct Ingress {
 fn through_nginx(upgrade_headers: bool) -> Ingress {
     let nats = Nats::start();
     let bridge = Bridge::start(&nats);
-    let nginx = Nginx::start(
-        &ingress_locations(upgrade_headers),
-        &format!("127.0.0.1:{}", bridge.port),
-    );
+    let nginx = shipped_ingress(&bridge, upgrade_headers);
     let url = nginx.url();
     let peers = vec![
         peer(&url, Lang::Node, Some("/trade-feed")),

@@ -18,6 +18,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod broker;
+pub mod browser;
+pub mod nginx;
+pub mod throttle;
+
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -258,13 +263,19 @@ impl Bridge {
     }
 
     pub fn start_opts(nats: &Nats, opts: BridgeOpts<'_>) -> Bridge {
+        Bridge::start_url(&nats.url(), opts)
+    }
+
+    /// As [`Bridge::start_opts`], against any NATS URL (or URLs, as a JSON
+    /// list in `TRADEFEED_BRIDGE_NATS__SERVERS` among `opts.env`).
+    pub fn start_url(nats_url: &str, opts: BridgeOpts<'_>) -> Bridge {
         let port = opts.port.unwrap_or_else(free_port);
         let admin_port = free_port();
         let dir = scratch();
         let mut env: Vec<(String, String)> = vec![
             (
                 "TRADEFEED_BRIDGE_NATS__SERVERS".into(),
-                format!("[\"{}\"]", nats.url()),
+                format!("[\"{nats_url}\"]"),
             ),
             (
                 "TRADEFEED_BRIDGE_SOCKETIO__LISTEN".into(),

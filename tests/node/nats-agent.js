@@ -1,13 +1,22 @@
 #!/usr/bin/env node
 // NATS test agent (nats 2.x), protocol in tests/agents/README.md:
 // JSON commands on stdin, JSON events on stdout, one object per line.
-// Commands run one at a time, in order.
+// Commands run one at a time, in order. Servers given as ws:// or wss://
+// URLs are reached with nats.ws (the browsers' client) over the `ws`
+// package, as Node 20 has no WebSocket of its own; others with nats.
 'use strict';
 
 const readline = require('readline');
-const { connect, headers, nkeyAuthenticator, credsAuthenticator } = require('nats');
+const tcp = require('nats');
+
+function library(servers) {
+  if (!servers.some((s) => /^wss?:\/\//.test(s))) return tcp;
+  if (!globalThis.WebSocket) globalThis.WebSocket = require('ws');
+  return require('nats.ws');
+}
 
 let nc = null;
+let lib = tcp; // the library of the current connection
 const subs = new Map(); // sid -> Subscription
 const decoder = new TextDecoder(); // invalid UTF-8 becomes U+FFFD in "data"; "b64" is exact
 
@@ -49,6 +58,7 @@ function msgEvent(sid, m) {
 async function doConnect(c) {
   if (nc && !nc.isClosed()) throw new Error('already connected');
   const opts = { servers: c.servers || ['nats://127.0.0.1:4222'] };
+  lib = library(opts.servers);
   if (c.name !== undefined) opts.name = c.name;
   // Optional extras (not in the README): reconnect tuning for restart tests.
   if (c.maxReconnectAttempts !== undefined) opts.maxReconnectAttempts = c.maxReconnectAttempts;
@@ -57,10 +67,12 @@ async function doConnect(c) {
   if (c.token !== undefined) opts.token = c.token;
   if (c.user !== undefined) opts.user = c.user;
   if (c.pass !== undefined) opts.pass = c.pass;
-  if (c.nkeySeed !== undefined) opts.authenticator = nkeyAuthenticator(new TextEncoder().encode(c.nkeySeed));
-  if (c.creds !== undefined) opts.authenticator = credsAuthenticator(new TextEncoder().encode(c.creds));
+  if (c.nkeySeed !== undefined) opts.authenticator = lib.nkeyAuthenticator(new TextEncoder().encode(c.nkeySeed));
+  if (c.creds !== undefined) opts.authenticator = lib.credsAuthenticator(new TextEncoder().encode(c.creds));
   if (c.tls && typeof c.tls === 'object') opts.tls = c.tls; // {caFile, certFile, keyFile}
-  nc = await connect(opts);
+  // Optional extra: behind an ingress, advertised cluster addresses are unreachable.
+  if (c.ignoreClusterUpdates !== undefined) opts.ignoreClusterUpdates = c.ignoreClusterUpdates;
+  nc = await lib.connect(opts);
   subs.clear();
   watchStatus(nc).catch((e) => diag(`status: ${e.message}`));
   nc.closed().then((err) => { if (err) diag(`closed: ${err.message}`); });
@@ -98,7 +110,7 @@ async function doPub(c) {
   else data = new TextEncoder().encode(c.data === undefined ? '' : String(c.data));
   const opts = {};
   if (c.headers && typeof c.headers === 'object') {
-    const h = headers();
+    const h = lib.headers();
     for (const [k, v] of Object.entries(c.headers)) {
       for (const one of Array.isArray(v) ? v : [v]) h.append(k, String(one));
     }
