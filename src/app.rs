@@ -38,6 +38,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(admin_addr)
         .await
         .with_context(|| format!("cannot listen on admin.listen {admin_addr}"))?;
+    tokio::spawn(telemetry::run_upkeep(prometheus.clone()));
     let admin_app = admin::router(bridge.clone(), prometheus);
     tracing::info!(addr = %admin_listener.local_addr()?, "admin endpoint (/healthz, /readyz, /metrics, /api/census)");
     tokio::spawn(async move {
@@ -63,6 +64,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let mut stop = stop_rx.clone();
             let serving = bridge.clone();
             tokio::spawn(async move {
+                // Without TCP_NODELAY a small WebSocket frame waits for the
+                // peer's delayed ACK (up to 40 ms on Linux); the Node hub
+                // sets it too.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!("cannot set TCP_NODELAY on a client connection: {e}");
+                    }
+                });
                 let result = axum::serve(
                     listener,
                     app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use async_nats::{HeaderMap, HeaderValue};
+use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -26,6 +26,11 @@ pub const H_ORIGIN: &str = "Tradefeed-Bridge-Origin";
 pub const H_TOPIC: &str = "Tradefeed-Legacy-Topic";
 /// Header carrying the legacy sender (Socket.IO id) of a mirrored message.
 pub const H_FROM: &str = "Tradefeed-Legacy-From";
+
+/// The header names, built once (a name made from a `&str` allocates).
+const H_ORIGIN_NAME: HeaderName = HeaderName::from_static(H_ORIGIN);
+const H_TOPIC_NAME: HeaderName = HeaderName::from_static(H_TOPIC);
+const H_FROM_NAME: HeaderName = HeaderName::from_static(H_FROM);
 
 /// A legacy message waiting for the NATS publisher task.
 pub struct Outbound {
@@ -93,6 +98,9 @@ pub struct Bridge {
     /// Largest NATS message (body plus headers) the bridge will send.
     max_nats_bytes: AtomicUsize,
     pub last_legacy_activity_ms: AtomicU64,
+    /// Until when (epoch ms) legacy deliveries go socket by socket, after a
+    /// client's outgoing buffer overflowed.
+    overflow_until_ms: AtomicU64,
     /// Departures and last publish, for the census.
     pub census: crate::census::CensusState,
     /// Bumped whenever a legacy client joins or leaves a room, so the
@@ -146,6 +154,7 @@ impl Bridge {
             upstream_connected: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             last_legacy_activity_ms: AtomicU64::new(0),
+            overflow_until_ms: AtomicU64::new(0),
             census: Default::default(),
             membership: tokio::sync::watch::channel(0).0,
             rooms: Mutex::new(()),
@@ -169,6 +178,18 @@ impl Bridge {
     /// The attach-mode side, when running in attach mode.
     pub fn attach(&self) -> Option<&Arc<crate::attach::Attach>> {
         self.attach.get()
+    }
+
+    /// Whether a legacy client's buffer overflowed recently.
+    pub fn clients_overflowing(&self) -> bool {
+        let until = self.overflow_until_ms.load(Ordering::Relaxed);
+        until != 0 && envelope::now_ms() < until
+    }
+
+    /// Records an overflow; deliveries are counted per client for `for_ms`.
+    pub fn note_overflow(&self, for_ms: u64) {
+        self.overflow_until_ms
+            .store(envelope::now_ms() + for_ms, Ordering::Relaxed);
     }
 
     pub fn membership_changed(&self) {
@@ -203,7 +224,12 @@ impl Bridge {
             .unwrap_or_else(|e| e.into_inner())
             .take()
             .expect("publisher started once");
-        tokio::spawn(self.clone().publish_loop(rx, client));
+        // Unconstrained by tokio's cooperative budget: a flooding publisher's
+        // reader task handles ~1,500 events per turn, and a budgeted loop
+        // would forward only 128 per turn and shed the rest.
+        tokio::spawn(tokio::task::unconstrained(
+            self.clone().publish_loop(rx, client),
+        ));
     }
 
     pub fn nats_connected(&self) -> bool {
@@ -271,15 +297,20 @@ impl Bridge {
             payload,
         })
         .expect("envelope serializes");
+        let origin = header_value(&self.instance_id);
+        let topic = header_value(legacy_topic);
+        let mut size =
+            body.len() + headers_len(&[(H_ORIGIN, origin.as_str()), (H_TOPIC, topic.as_str())]);
         let mut headers = HeaderMap::new();
-        headers.insert(H_ORIGIN, header_value(&self.instance_id));
-        headers.insert(H_TOPIC, header_value(legacy_topic));
+        headers.insert(H_ORIGIN_NAME, origin);
+        headers.insert(H_TOPIC_NAME, topic);
         if let Field::Str(sender) = from {
-            headers.insert(H_FROM, header_value(sender));
+            let sender = header_value(sender);
+            size += headers_len(&[(H_FROM, sender.as_str())]) - HEADER_BLOCK_FRAMING;
+            headers.insert(H_FROM_NAME, sender);
         }
-        // What nats-server (and async-nats) hold against max_payload: the
-        // header block plus the body; the subject does not count.
-        let size = body.len() + headers_len(&headers);
+        // `size` is what nats-server (and async-nats) hold against
+        // max_payload: the header block plus the body; the subject does not count.
         let limit = self.max_nats_bytes();
         if size > limit {
             telemetry::rejected(&route.name, TO_NATS, Reject::TooLarge.label());
@@ -356,7 +387,7 @@ impl Bridge {
                 self.pending.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
-            let subject = out.subject;
+            let subject = async_nats::Subject::from(out.subject);
             let published = match out.reply {
                 Some(reply) => {
                     client
@@ -485,7 +516,16 @@ impl Bridge {
                 return;
             }
         };
-        let origin = format!("nats:{}", msg.subject);
+        // `from` for bodies that do not carry one; most envelopes do.
+        let needs_origin = match &body {
+            NatsBody::Envelope(e) => e.from.is_none(),
+            NatsBody::Bare(_) => true,
+        };
+        let origin = if needs_origin {
+            format!("nats:{}", msg.subject)
+        } else {
+            String::new()
+        };
         let now = envelope::now_ms();
         let env = match &body {
             NatsBody::Envelope(e) => EnvelopeOut {
@@ -532,13 +572,16 @@ fn header_value(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_str("?").expect("ascii"))
 }
 
-fn headers_len(h: &HeaderMap) -> usize {
-    // "NATS/1.0\r\n", then "Name: value\r\n" per value, then "\r\n".
-    let names_and_values: usize = [H_ORIGIN, H_TOPIC, H_FROM]
-        .iter()
-        .filter_map(|name| h.get(*name).map(|v| name.len() + v.as_str().len() + 4))
-        .sum();
-    12 + names_and_values
+/// "NATS/1.0\r\n" before the headers and "\r\n" after them.
+const HEADER_BLOCK_FRAMING: usize = 12;
+
+/// Size of a header block holding these headers: "Name: value\r\n" each.
+fn headers_len(headers: &[(&str, &str)]) -> usize {
+    HEADER_BLOCK_FRAMING
+        + headers
+            .iter()
+            .map(|(name, value)| name.len() + value.len() + 4)
+            .sum::<usize>()
 }
 
 /// Sends an acknowledgement if the client asked for one: `{"ok":true}` or

@@ -288,6 +288,7 @@ const ROUTE_SERIES: &[Series] = &[
     series(SUPPRESSED, TO_NATS, "left_to_active", ATTACH),
     series(DROPPED, TO_NATS, "standby_buffer_full", ATTACH),
     series(DROPPED, TO_SOCKETIO, "client_buffer_full", SERVER),
+    series(DROPPED, TO_SOCKETIO, "bridge_queue_full", SERVER),
     series(DROPPED, TO_SOCKETIO, "upstream_buffer_full", ATTACH),
     series(DROPPED, TO_SOCKETIO, "standby_buffer_full", ATTACH),
     series(REJECTED, TO_SOCKETIO, "invalid_json", BOTH),
@@ -354,6 +355,18 @@ fn register_all(table: &RouteTable, config: &Config) {
             let active = if config.attach.lease { 0.0 } else { 1.0 };
             gauge!(ATTACH_ACTIVE).set(active);
         }
+    }
+}
+
+/// Drains histogram samples into their buckets every few seconds. The
+/// recorder keeps every sample until upkeep runs, so without it memory grows
+/// with each forwarded message whenever `/metrics` is not scraped.
+pub async fn run_upkeep(handle: PrometheusHandle) {
+    const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
     }
 }
 
