@@ -106,6 +106,10 @@ pub struct Bridge {
     /// Bumped whenever a legacy client joins or leaves a room, so the
     /// point-to-point members can follow their rooms.
     pub membership: tokio::sync::watch::Sender<u64>,
+    /// Held while a message is handed to legacy rooms and while a client
+    /// joins or leaves a room (with its System notice), so a message reaches
+    /// a leaving client before its leave notice or not at all.
+    pub rooms: Mutex<()>,
     attach: OnceLock<Arc<crate::attach::Attach>>,
     /// Woken when the NATS connection is (re-)established.
     pub nats_up: tokio::sync::Notify,
@@ -153,6 +157,7 @@ impl Bridge {
             overflow_until_ms: AtomicU64::new(0),
             census: Default::default(),
             membership: tokio::sync::watch::channel(0).0,
+            rooms: Mutex::new(()),
             attach: OnceLock::new(),
             nats_up: tokio::sync::Notify::new(),
         })

@@ -40,6 +40,10 @@ pub const UPSTREAM_CONNECTED: &str = "tradefeed_bridge_upstream_connected";
 pub const UPSTREAM_RECONNECTS: &str = "tradefeed_bridge_upstream_reconnects_total";
 pub const BUFFERED: &str = "tradefeed_bridge_upstream_buffered_messages";
 pub const ATTACH_ACTIVE: &str = "tradefeed_bridge_attach_active";
+/// 1 while the bridge is a member of a point-to-point route's queue group.
+pub const QUEUE_MEMBER: &str = "tradefeed_bridge_queue_member";
+/// Point-to-point messages the bridge gave back to the queue group.
+pub const REQUEUED: &str = "tradefeed_bridge_messages_requeued_total";
 pub const INFO: &str = "tradefeed_bridge_info";
 
 /// The `route` label of a message no route applies to (unparsable input,
