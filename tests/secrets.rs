@@ -389,7 +389,9 @@ fn configuration_problems_never_show_a_secret() {
     let dir = scratch();
     let traderx = std::fs::read_to_string(root().join("config/traderx.toml")).unwrap();
     let with_nats = |lines: &str| traderx.replacen("[nats]\n", &format!("[nats]\n{lines}\n"), 1);
-    let cases: Vec<(&str, String, Vec<(&str, &str)>, &str, &str)> = vec![
+    // what, the file, the environment, the secret, the key the problem names
+    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "a number in the file",
             with_nats("user = \"bridge\"\npassword = 99887766"),
