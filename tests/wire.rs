@@ -135,3 +135,39 @@ fn an_order_given_back_to_an_empty_group_is_counted_undeliverable() {
         "the loss is logged"
     );
 }
+
+/// Two bridges on one NATS: a legacy publish on bridge A reaches bridge B's
+/// legacy subscribers exactly as A's own subscribers get it, also when it has
+/// no `payload` or a `type` that is not a string (the legacy hub passes both
+/// on). B must not take A's envelope for a bare payload and wrap it again.
+#[test]
+fn a_legacy_publish_reaches_another_bridge_as_the_same_envelope() {
+    let nats = Nats::start();
+    let a = Bridge::start(&nats);
+    let b = Bridge::start(&nats);
+    let topic = "/accounts/22/trades";
+    let sub_a = Agent::sio(Lang::Node);
+    sub_a.connect(&a.url(), json!({}));
+    sub_a.subscribe(topic);
+    let sub_b = Agent::sio(Lang::Node);
+    sub_b.connect(&b.url(), json!({}));
+    sub_b.subscribe(topic);
+    let sender = Agent::sio(Lang::Node);
+    sender.connect(&a.url(), json!({}));
+    let inputs = [
+        json!({"topic": topic, "type": "Trade", "payload": {"id": "t-1"}}),
+        json!({"topic": topic, "type": "Trade"}),
+        json!({"topic": topic, "type": 5, "payload": {"id": "t-3"}}),
+        json!({"topic": topic, "type": {"k": [1]}, "payload": "t-4"}),
+        json!({"topic": topic, "type": false}),
+        json!({"topic": topic, "payload": null}),
+        json!({"topic": topic, "type": "Trade", "payload": {"type": "Buy", "payload": 1}}),
+    ];
+    for input in &inputs {
+        sender.emit("publish", json!([input]));
+        let at_a = sub_a.next_publish(WAIT, |_| true);
+        let at_b = sub_b.next_publish(WAIT, |_| true);
+        assert_eq!(at_b, at_a, "input {input}");
+    }
+    assert!(sub_b.data_messages(SHORT).is_empty(), "nothing more at B");
+}
