@@ -499,7 +499,11 @@ impl Bridge {
                 return;
             }
         }
-        let body = match envelope::parse_nats_body(&msg.payload) {
+        let from_bridge = msg
+            .headers
+            .as_ref()
+            .is_some_and(|h| h.get(H_ORIGIN).is_some());
+        let body = match envelope::parse_nats_body(&msg.payload, from_bridge) {
             Ok(b) => b,
             Err(r) => {
                 telemetry::rejected(&route.name, TO_SOCKETIO, r.label());

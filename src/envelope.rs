@@ -177,14 +177,19 @@ pub enum NatsBody<'a> {
 }
 
 /// Classifies a NATS body; `Err` when it is not UTF-8 JSON.
-pub fn parse_nats_body(body: &[u8]) -> Result<NatsBody<'_>, Reject> {
+///
+/// `from_bridge`: the message carries a bridge's origin header, so its body
+/// is the envelope a bridge made of a legacy publish, whatever its `type` (the
+/// legacy hub passes any JSON on) and even without a `payload` (a publish
+/// without one has none).
+pub fn parse_nats_body(body: &[u8], from_bridge: bool) -> Result<NatsBody<'_>, Reject> {
     let text = std::str::from_utf8(body).map_err(|_| Reject::InvalidJson)?;
     let raw: &RawValue = serde_json::from_str(text).map_err(|_| Reject::InvalidJson)?;
     let text = raw.get();
     if first_byte(text) == Some(b'{') {
         if let Ok(env) = serde_json::from_str::<EnvelopeIn<'_>>(text) {
             let typed = env.kind.is_some_and(|k| first_byte(k.get()) == Some(b'"'));
-            if typed && env.payload.is_some() {
+            if (typed && env.payload.is_some()) || (from_bridge && env.kind.is_some()) {
                 return Ok(NatsBody::Envelope(env));
             }
         }
@@ -247,7 +252,7 @@ mod tests {
         let a = arg(r#"{"topic":"/t"}"#);
         assert!(parse_publish(&a).unwrap().payload.is_none());
         assert!(matches!(
-            parse_nats_body(br#"{"type":"Trade","payload":null}"#),
+            parse_nats_body(br#"{"type":"Trade","payload":null}"#, false),
             Ok(NatsBody::Envelope(e)) if e.payload.map(|p| p.get()) == Some("null")
         ));
     }
@@ -284,20 +289,52 @@ mod tests {
     #[test]
     fn nats_bodies() {
         assert!(matches!(
-            parse_nats_body(br#"{"type":"Trade","from":"svc","date":5,"payload":{"id":"1"}}"#),
+            parse_nats_body(
+                br#"{"type":"Trade","from":"svc","date":5,"payload":{"id":"1"}}"#,
+                false
+            ),
             Ok(NatsBody::Envelope(_))
         ));
         // a payload that happens to have a `type` field but no payload is bare
         assert!(matches!(
-            parse_nats_body(br#"{"type":"Buy","quantity":5}"#),
+            parse_nats_body(br#"{"type":"Buy","quantity":5}"#, false),
             Ok(NatsBody::Bare(_))
         ));
-        assert!(matches!(parse_nats_body(b"[1]"), Ok(NatsBody::Bare(r)) if r.get() == "[1]"));
-        assert!(matches!(parse_nats_body(b" 12 "), Ok(NatsBody::Bare(r)) if r.get() == "12"));
-        assert_eq!(parse_nats_body(b"{nope").unwrap_err(), Reject::InvalidJson);
-        assert_eq!(parse_nats_body(b"").unwrap_err(), Reject::InvalidJson);
+        // a bridge's envelope of a legacy publish without payload, or with a
+        // type that is not a string, is still an envelope
+        for body in [
+            &br#"{"type":"Trade","from":"a","topic":"t.1","date":5}"#[..],
+            br#"{"type":5,"from":"a","topic":"t.1","date":5,"payload":1}"#,
+        ] {
+            assert!(matches!(
+                parse_nats_body(body, false),
+                Ok(NatsBody::Bare(_))
+            ));
+            assert!(matches!(
+                parse_nats_body(body, true),
+                Ok(NatsBody::Envelope(_))
+            ));
+        }
+        assert!(matches!(
+            parse_nats_body(br#"{"a":1}"#, true),
+            Ok(NatsBody::Bare(_))
+        ));
+        assert!(
+            matches!(parse_nats_body(b"[1]", false), Ok(NatsBody::Bare(r)) if r.get() == "[1]")
+        );
+        assert!(
+            matches!(parse_nats_body(b" 12 ", false), Ok(NatsBody::Bare(r)) if r.get() == "12")
+        );
         assert_eq!(
-            parse_nats_body(&[0xff, 0xfe]).unwrap_err(),
+            parse_nats_body(b"{nope", false).unwrap_err(),
+            Reject::InvalidJson
+        );
+        assert_eq!(
+            parse_nats_body(b"", false).unwrap_err(),
+            Reject::InvalidJson
+        );
+        assert_eq!(
+            parse_nats_body(&[0xff, 0xfe], false).unwrap_err(),
             Reject::InvalidJson
         );
     }
