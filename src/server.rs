@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ConnectInfo;
-use axum::http::{header, HeaderValue, Method, Request, StatusCode};
+use axum::extract::{ConnectInfo, OriginalUri};
+use axum::http::{header, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use futures::{FutureExt, StreamExt};
@@ -79,6 +79,7 @@ pub fn build(bridge: &Arc<Bridge>) -> (Router, SocketIo) {
                 let primary = primary.clone();
                 async move {
                     rewrite_alias(&mut req, &aliases, &primary);
+                    detach_from_read_buffer(&mut req);
                     Ok::<_, Infallible>(req)
                 }
             },
@@ -92,6 +93,55 @@ pub fn build(bridge: &Arc<Bridge>) -> (Router, SocketIo) {
 /// larger one grows the buffer as needed. 1 KiB instead of socketioxide's 4
 /// KiB saves 3 KiB per connected client (30 MB for 10,000 clients).
 const WS_READ_BUFFER_BYTES: usize = 1024;
+
+/// hyper hands over the URI and the header values as slices of the
+/// connection's read buffer (16 KiB once a request head has been read), and
+/// engineioxide keeps the request parts for the whole life of a socket, so
+/// every connected client kept that buffer alive: half the memory of an
+/// idle WebSocket client. The head is copied into one allocation of its own
+/// size and the URI, the header values and axum's `OriginalUri` are pointed
+/// at the copy; the buffer then goes when the upgraded connection first
+/// reads. `OriginalUri` matters: axum's router stored it (a second handle on
+/// the same URI) before any middleware runs, so copying the URI and headers
+/// alone kept the buffer.
+fn detach_from_read_buffer(req: &mut Request<axum::body::Body>) {
+    let uri = req.uri().to_string();
+    let size = uri.len() + req.headers().values().map(|v| v.len()).sum::<usize>();
+    let mut own = bytes::BytesMut::with_capacity(size);
+    own.extend_from_slice(uri.as_bytes());
+    let mut values = Vec::with_capacity(req.headers().len());
+    let mut name = None;
+    for (n, v) in std::mem::take(req.headers_mut()) {
+        if n.is_some() {
+            name = n;
+        }
+        if let Some(name) = &name {
+            own.extend_from_slice(v.as_bytes());
+            values.push((name.clone(), v));
+        }
+    }
+    let mut own = own.freeze();
+    let copied_uri = Uri::from_maybe_shared(own.split_to(uri.len()));
+    let headers = req.headers_mut();
+    headers.reserve(values.len());
+    for (name, v) in values {
+        // A value the copy refuses (none that hyper accepts) keeps its slice.
+        let value = match HeaderValue::from_maybe_shared(own.split_to(v.len())) {
+            Ok(mut value) => {
+                value.set_sensitive(v.is_sensitive());
+                value
+            }
+            Err(_) => v,
+        };
+        headers.append(name, value);
+    }
+    if let Ok(uri) = copied_uri {
+        if req.extensions().get::<OriginalUri>().is_some() {
+            req.extensions_mut().insert(OriginalUri(uri.clone()));
+        }
+        *req.uri_mut() = uri;
+    }
+}
 
 async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "not found\n").into_response()
@@ -855,4 +905,47 @@ pub fn clients_by_transport(io: &SocketIo) -> (usize, usize) {
         }
     }
     (polling, websocket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn the_request_head_lets_go_of_the_read_buffer() {
+        let head =
+            Bytes::from_static(b"/socket.io/?EIO=4&transport=websocketnode-XMLHttpRequestsecret");
+        let buffer = Bytes::from(head.to_vec());
+        let uri = Uri::from_maybe_shared(buffer.slice(0..37)).unwrap();
+        let mut req = Request::builder()
+            .uri(uri.clone())
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let agent = HeaderValue::from_maybe_shared(buffer.slice(37..56)).unwrap();
+        let mut secret = HeaderValue::from_maybe_shared(buffer.slice(56..)).unwrap();
+        secret.set_sensitive(true);
+        req.headers_mut().append(header::USER_AGENT, agent.clone());
+        req.headers_mut().append(header::COOKIE, secret.clone());
+        req.headers_mut().append(header::COOKIE, agent.clone());
+        req.extensions_mut().insert(OriginalUri(uri.clone()));
+        drop((agent, secret));
+
+        detach_from_read_buffer(&mut req);
+        drop(uri);
+
+        assert!(buffer.is_unique(), "something still holds the read buffer");
+        assert_eq!(req.uri(), "/socket.io/?EIO=4&transport=websocket");
+        assert_eq!(
+            req.extensions()
+                .get::<OriginalUri>()
+                .map(|u| u.0.to_string()),
+            Some("/socket.io/?EIO=4&transport=websocket".to_string())
+        );
+        assert_eq!(req.headers()[header::USER_AGENT], "node-XMLHttpRequest");
+        let cookies: Vec<_> = req.headers().get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["secret", "node-XMLHttpRequest"]);
+        assert!(cookies[0].is_sensitive());
+        assert!(!cookies[1].is_sensitive());
+    }
 }
