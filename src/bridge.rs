@@ -63,6 +63,74 @@ pub struct ClientInfo {
     pub warned_unsubscribed: bool,
 }
 
+/// The catch-all room: its members get every message.
+pub const CATCH_ALL: &str = "/*";
+
+/// How many clients each room has, and how many of them are also in the
+/// catch-all room, so that a message on a topic, which goes to the topic's
+/// room and to `/*` and reaches a client in both once, has its number of
+/// recipients without a listing of either room.
+#[derive(Debug, Default)]
+pub struct RoomCounts {
+    members: HashMap<String, usize>,
+    /// Per topic, its members that are also in `/*`.
+    with_catch_all: HashMap<String, usize>,
+}
+
+impl RoomCounts {
+    /// A client whose rooms were `before` joined `topic`.
+    pub fn joined(&mut self, topic: &str, before: &BTreeSet<String>) {
+        if before.contains(topic) {
+            return;
+        }
+        *self.members.entry(topic.to_string()).or_default() += 1;
+        if topic == CATCH_ALL {
+            for t in before {
+                *self.with_catch_all.entry(t.clone()).or_default() += 1;
+            }
+        } else if before.contains(CATCH_ALL) {
+            *self.with_catch_all.entry(topic.to_string()).or_default() += 1;
+        }
+    }
+
+    /// A client left `topic`, which it was in; `after` are its rooms now.
+    pub fn left(&mut self, topic: &str, after: &BTreeSet<String>) {
+        decrement(&mut self.members, topic);
+        if topic == CATCH_ALL {
+            for t in after {
+                decrement(&mut self.with_catch_all, t);
+            }
+        } else if after.contains(CATCH_ALL) {
+            decrement(&mut self.with_catch_all, topic);
+        }
+    }
+
+    /// How many clients a message on `topic` goes to (its room and `/*`).
+    pub fn recipients(&self, topic: &str) -> usize {
+        let all = self.members.get(CATCH_ALL).copied().unwrap_or(0);
+        if topic == CATCH_ALL {
+            return all;
+        }
+        let room = self.members.get(topic).copied().unwrap_or(0);
+        let both = self.with_catch_all.get(topic).copied().unwrap_or(0);
+        (room + all).saturating_sub(both)
+    }
+
+    /// Members of one room.
+    pub fn members(&self, room: &str) -> usize {
+        self.members.get(room).copied().unwrap_or(0)
+    }
+}
+
+fn decrement(map: &mut HashMap<String, usize>, key: &str) {
+    if let Some(n) = map.get_mut(key) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            map.remove(key);
+        }
+    }
+}
+
 /// Last time a route carried a message, per direction (epoch ms, 0 = never).
 #[derive(Debug, Default)]
 pub struct RouteActivity {
@@ -83,6 +151,10 @@ pub struct Bridge {
     pub metrics: Metrics,
     pub limiter: LogLimiter,
     pub clients: Mutex<HashMap<Sid, ClientInfo>>,
+    /// Members per legacy room, kept beside socketioxide's rooms (which can
+    /// only list them), so that a delivery knows how many clients it
+    /// reaches without listing them. Changed with `clients` held.
+    pub rooms: Mutex<RoomCounts>,
     pub activity: Vec<RouteActivity>,
     /// Per route, the JSON `type` used for bare payloads.
     route_types: Vec<Box<RawValue>>,
@@ -139,6 +211,7 @@ impl Bridge {
             metrics,
             limiter: LogLimiter::new(Duration::from_secs(1)),
             clients: Mutex::new(HashMap::new()),
+            rooms: Mutex::new(RoomCounts::default()),
             activity,
             route_types,
             io: OnceLock::new(),
@@ -284,13 +357,31 @@ impl Bridge {
         received: Instant,
     ) -> Result<Outbound, String> {
         let route = self.routes.get(mapped.route);
-        let body = serde_json::to_vec(&EnvelopeOut {
-            kind,
-            from,
-            topic: &mapped.target,
-            date,
-            payload,
-        })
+        // Sized up front: grown from empty, the buffer was reallocated
+        // about six times per message.
+        let field_len = |f: &Field<'_>| match f {
+            Field::Raw(r) => r.get().len(),
+            Field::Str(s) => s.len() + 2,
+            Field::Num(_) => 20,
+        };
+        let mut body = Vec::with_capacity(
+            ENVELOPE_FRAMING
+                + kind.get().len()
+                + field_len(&from)
+                + mapped.target.len()
+                + field_len(&date)
+                + payload.map_or(0, |p| p.get().len()),
+        );
+        serde_json::to_writer(
+            &mut body,
+            &EnvelopeOut {
+                kind,
+                from,
+                topic: &mapped.target,
+                date,
+                payload,
+            },
+        )
         .expect("envelope serializes");
         let origin = header_value(&self.instance_id);
         let topic = header_value(legacy_topic);
@@ -566,6 +657,10 @@ fn header_value(s: &str) -> HeaderValue {
     use std::str::FromStr;
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_str("?").expect("ascii"))
 }
+
+/// The keys, quotes and separators of an envelope, and room for a few
+/// escapes in the topic.
+const ENVELOPE_FRAMING: usize = 64;
 
 /// "NATS/1.0\r\n" before the headers and "\r\n" after them.
 const HEADER_BLOCK_FRAMING: usize = 12;

@@ -23,7 +23,7 @@ use socketioxide::socket::Socket;
 use socketioxide::{BroadcastError, SendError, SocketError, SocketIo, TransportType};
 use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 
-use crate::bridge::{reply, Bridge, ClientInfo};
+use crate::bridge::{reply, Bridge, ClientInfo, CATCH_ALL};
 use crate::envelope::{self, EnvelopeOut, Field, Reject};
 use crate::route::Delivery;
 use crate::telemetry::{self, TO_NATS, TO_SOCKETIO};
@@ -227,11 +227,19 @@ impl ConnectHandler<LocalAdapter, Hub> for Hub {
         let bridge = self.0.clone();
         SocketRef::from(s).on_disconnect(
             async move |s: SocketRef, reason: socketioxide::socket::DisconnectReason| {
-                let removed = bridge
-                    .clients
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&s.id);
+                let removed = {
+                    let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
+                    let removed = clients.remove(&s.id);
+                    if let Some(c) = &removed {
+                        let mut rooms = lock(&bridge.rooms);
+                        let mut after = c.topics.clone();
+                        for t in &c.topics {
+                            after.remove(t);
+                            rooms.left(t, &after);
+                        }
+                    }
+                    removed
+                };
                 bridge.membership_changed();
                 bridge
                     .last_legacy_activity_ms
@@ -382,14 +390,16 @@ fn on_subscription(
     } else {
         format!("{} has left {}", s.id, topic)
     };
+    let mut left = false;
     {
         let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get_mut(&s.id) {
             c.last_active_ms = envelope::now_ms();
             if join {
+                lock(&bridge.rooms).joined(&topic, &c.topics);
                 c.topics.insert(topic.clone());
             } else {
-                c.topics.remove(&topic);
+                left = c.topics.remove(&topic);
             }
         }
     }
@@ -405,7 +415,14 @@ fn on_subscription(
     };
     deliver(bridge, io, "", &topic, &env);
     if !join {
-        s.leave(topic);
+        // Counted out only now: the leaver gets its own notice.
+        s.leave(topic.clone());
+        if left {
+            let clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = clients.get(&s.id) {
+                lock(&bridge.rooms).left(&topic, &c.topics);
+            }
+        }
     }
     bridge.membership_changed();
     reply(ack, Ok(()));
@@ -423,7 +440,7 @@ fn on_publish(
     if binary {
         return refuse(bridge, s, "publish", Reject::BinaryPayload, "", ack);
     }
-    let p = match envelope::first_arg(text).and_then(envelope::parse_publish) {
+    let p = match envelope::parse_publish_event(text) {
         Ok(p) => p,
         Err(r) => return refuse(bridge, s, "publish", r, "", ack),
     };
@@ -655,15 +672,25 @@ pub fn deliver(
     topic: &str,
     env: &EnvelopeOut<'_>,
 ) -> usize {
-    let rooms = [topic.to_string(), CATCH_ALL.to_string()];
-    let sockets = io.within(rooms.clone()).sockets();
-    if sockets.is_empty() {
+    let (recipients, catch_all) = {
+        let rooms = lock(&bridge.rooms);
+        (rooms.recipients(topic), rooms.members(CATCH_ALL) > 0)
+    };
+    if recipients == 0 {
         return 0;
     }
+    let to = || {
+        let to = io.within(topic.to_string());
+        if catch_all && topic != CATCH_ALL {
+            to.within(CATCH_ALL)
+        } else {
+            to
+        }
+    };
     if bridge.clients_overflowing() {
-        return emit_each(bridge, sockets, route, topic, env);
+        return emit_each(bridge, to().sockets(), route, topic, env);
     }
-    let (full, closed) = match io.within(rooms).emit("publish", env).now_or_never() {
+    let (full, closed) = match to().emit("publish", env).now_or_never() {
         Some(Ok(())) => (0, 0),
         Some(Err(BroadcastError::Socket(errors))) => {
             let full = errors
@@ -674,20 +701,24 @@ pub fn deliver(
         }
         Some(Err(e)) => {
             tracing::error!(%topic, "could not broadcast a message: {e}");
-            (0, sockets.len())
+            (0, recipients)
         }
         // The local adapter completes at once; another adapter would not.
         None => {
             tracing::error!(%topic, "the Socket.IO adapter did not complete a broadcast at once");
-            (0, sockets.len())
+            (0, recipients)
         }
     };
     if full > 0 {
         bridge.note_overflow(OVERFLOW_MODE_MS);
         telemetry::dropped(route, TO_SOCKETIO, "client_buffer_full", full as u64);
-        name_full_clients(bridge, &sockets, topic, full);
+        name_full_clients(bridge, &to().sockets(), topic, full);
     }
-    sockets.len().saturating_sub(full + closed)
+    recipients.saturating_sub(full + closed)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Finds the `full` sockets a broadcast could not queue for and counts the
@@ -742,9 +773,6 @@ fn client_missed(bridge: &Bridge, s: &SocketRef, topic: &str) {
         ),
     );
 }
-
-/// The catch-all room: its members get every message.
-const CATCH_ALL: &str = "/*";
 
 /// How long the bridge emits socket by socket after a client's buffer
 /// overflowed, so that each further miss is counted for its client.
