@@ -32,6 +32,16 @@ if [[ ! -f "$node_stamp" || "$(cat "$node_stamp")" != "$node_hash" ]]; then
   printf '%s\n' "$node_hash" > "$node_stamp"
 fi
 
+# --- Node: sim/ (the role simulators of tests/cutover.rs and scripts/smoke.sh)
+SIM_DIR="$ROOT/sim"
+sim_stamp="$SIM_DIR/node_modules/.install-stamp"
+sim_hash="$(hash_of "$SIM_DIR/package.json" "$SIM_DIR/package-lock.json")"
+if [[ ! -f "$sim_stamp" || "$(cat "$sim_stamp")" != "$sim_hash" ]]; then
+  say "npm ci in sim"
+  (cd "$SIM_DIR" && quiet npm ci --no-audit --no-fund --ignore-scripts)
+  printf '%s\n' "$sim_hash" > "$sim_stamp"
+fi
+
 # --- Python: tests/.venv ---------------------------------------------------
 VENV="$ROOT/tests/.venv"
 REQS="$ROOT/tests/python/requirements.txt"

@@ -11,6 +11,13 @@ cd "$ROOT"
 
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
+# Build first (the first release build takes several minutes), so nothing
+# is started until there is a bridge to run.
+[[ -f /usr/include/openssl/ssl.h ]] || bash scripts/install-system-deps.sh
+bash scripts/build-console.sh || echo "run: the console was not built; /console/ will say so" >&2
+echo "run: cargo build --release" >&2
+cargo build --release -p tradefeed-bridge
+
 nats_pid=""
 cleanup() { [[ -n "$nats_pid" ]] && kill "$nats_pid" 2>/dev/null || true; }
 trap cleanup EXIT
@@ -27,16 +34,16 @@ else
   printf 'listen: "127.0.0.1:4222"\nhttp: "127.0.0.1:8222"\nwebsocket { listen: "127.0.0.1:8081", no_tls: true }\n' > "$conf"
   # JetStream holds attach mode's lease (one active bridge per trade-feed).
   printf 'jetstream { store_dir: "%s" }\n' "$(mktemp -d)" >> "$conf"
-  "$bin" -c "$conf" &
+  nats_log="$(mktemp -t nats-server.XXXXXX.log)"
+  echo "run: nats-server logs to $nats_log" >&2
+  "$bin" -c "$conf" >"$nats_log" 2>&1 &
   nats_pid=$!
   # No ingress here: the console reaches that WebSocket listener directly.
   export TRADEFEED_BRIDGE_CONSOLE__NATS_URL="${TRADEFEED_BRIDGE_CONSOLE__NATS_URL:-ws://127.0.0.1:8081}"
   for _ in $(seq 1 100); do port_open 4222 && break; sleep 0.05; done
+  port_open 4222 || { echo "run: nats-server did not start; see $nats_log" >&2; exit 1; }
 fi
 
-[[ -f /usr/include/openssl/ssl.h ]] || bash scripts/install-system-deps.sh
-bash scripts/build-console.sh || echo "run: the console was not built; /console/ will say so" >&2
-cargo build --release --quiet
 echo "run: console at http://127.0.0.1:18097/console/" >&2
 ./target/release/tradefeed-bridge "$@" &
 bridge_pid=$!

@@ -69,7 +69,9 @@ pub const CATCH_ALL: &str = "/*";
 /// How many clients each room has, and how many of them are also in the
 /// catch-all room, so that a message on a topic, which goes to the topic's
 /// room and to `/*` and reaches a client in both once, has its number of
-/// recipients without a listing of either room.
+/// recipients without a listing of either room. A client that has just
+/// disconnected is counted until its disconnect handler runs, a moment
+/// after socketioxide dropped it from its rooms.
 #[derive(Debug, Default)]
 pub struct RoomCounts {
     members: HashMap<String, usize>,
@@ -151,10 +153,6 @@ pub struct Bridge {
     pub metrics: Metrics,
     pub limiter: LogLimiter,
     pub clients: Mutex<HashMap<Sid, ClientInfo>>,
-    /// Members per legacy room, kept beside socketioxide's rooms (which can
-    /// only list them), so that a delivery knows how many clients it
-    /// reaches without listing them. Changed with `clients` held.
-    pub rooms: Mutex<RoomCounts>,
     pub activity: Vec<RouteActivity>,
     /// Per route, the JSON `type` used for bare payloads.
     route_types: Vec<Box<RawValue>>,
@@ -181,6 +179,13 @@ pub struct Bridge {
     /// Bumped whenever a legacy client joins or leaves a room, so the
     /// point-to-point members can follow their rooms.
     pub membership: tokio::sync::watch::Sender<u64>,
+    /// Held while a message is handed to legacy rooms and while a client
+    /// joins or leaves a room (with its System notice), so a message reaches
+    /// a leaving client before its leave notice or not at all. It counts
+    /// the members of each room beside socketioxide's rooms (which can only
+    /// list them), so a delivery knows how many clients it reaches without
+    /// listing them. Taken before `clients` wherever both are.
+    pub rooms: Mutex<RoomCounts>,
     attach: OnceLock<Arc<crate::attach::Attach>>,
     /// Woken when the NATS connection is (re-)established.
     pub nats_up: tokio::sync::Notify,
@@ -214,7 +219,6 @@ impl Bridge {
             metrics,
             limiter: LogLimiter::new(Duration::from_secs(1)),
             clients: Mutex::new(HashMap::new()),
-            rooms: Mutex::new(RoomCounts::default()),
             activity,
             route_types,
             io: OnceLock::new(),
@@ -229,6 +233,7 @@ impl Bridge {
             overflow_until_ms: AtomicU64::new(0),
             census: Default::default(),
             membership: tokio::sync::watch::channel(0).0,
+            rooms: Mutex::new(RoomCounts::default()),
             attach: OnceLock::new(),
             nats_up: tokio::sync::Notify::new(),
         })
@@ -689,5 +694,59 @@ pub fn reply(ack: Option<AckSender>, result: Result<(), &str>) {
         if let Err(e) = sent {
             tracing::debug!("could not send ack: {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One client's rooms and the counts, changed as the server changes them.
+    fn join(rooms: &mut RoomCounts, client: &mut BTreeSet<String>, topic: &str) {
+        rooms.joined(topic, client);
+        client.insert(topic.to_string());
+    }
+
+    fn leave(rooms: &mut RoomCounts, client: &mut BTreeSet<String>, topic: &str) {
+        if client.remove(topic) {
+            rooms.left(topic, client);
+        }
+    }
+
+    #[test]
+    fn room_counts_reach_each_client_once() {
+        let mut rooms = RoomCounts::default();
+        let (mut a, mut b, mut c) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        join(&mut rooms, &mut a, "/t");
+        join(&mut rooms, &mut a, "/t");
+        join(&mut rooms, &mut b, "/t");
+        join(&mut rooms, &mut b, "/u");
+        assert_eq!(rooms.recipients("/t"), 2);
+        assert_eq!(rooms.recipients("/u"), 1);
+        assert_eq!(rooms.recipients("/none"), 0);
+        // A catch-all member gets every topic, once even if also in the room.
+        join(&mut rooms, &mut c, CATCH_ALL);
+        assert_eq!(rooms.recipients("/t"), 3);
+        assert_eq!(rooms.recipients("/none"), 1);
+        join(&mut rooms, &mut c, "/t");
+        assert_eq!(rooms.recipients("/t"), 3);
+        // Joining `/*` after a topic counts the overlap too.
+        join(&mut rooms, &mut b, CATCH_ALL);
+        assert_eq!(rooms.recipients("/t"), 3);
+        assert_eq!(rooms.recipients("/u"), 2);
+        assert_eq!(rooms.recipients(CATCH_ALL), 2);
+        assert_eq!(rooms.recipients("/none"), 2);
+        leave(&mut rooms, &mut b, CATCH_ALL);
+        assert_eq!(rooms.recipients("/u"), 2);
+        assert_eq!(rooms.recipients("/none"), 1);
+        // A disconnect leaves every room, in any order.
+        for mut client in [a, b, c] {
+            for t in client.clone() {
+                leave(&mut rooms, &mut client, &t);
+            }
+        }
+        assert_eq!(rooms.recipients("/t"), 0);
+        assert_eq!(rooms.recipients("/u"), 0);
+        assert!(rooms.members.is_empty() && rooms.with_catch_all.is_empty());
     }
 }

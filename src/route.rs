@@ -43,7 +43,13 @@ pub enum Delivery {
     #[default]
     Broadcast,
     /// Point-to-point: each message goes to exactly one consumer, legacy or
-    /// NATS (`queue_group` names the NATS queue group).
+    /// NATS (`queue_group` names the NATS queue group), whatever mix of
+    /// producers and consumers is connected, while at least one consumer
+    /// exists and consumers leave by draining. Nothing is stored: a message
+    /// published when no consumer exists anywhere is not delivered (the
+    /// bridge counts a legacy one as undeliverable; the NATS server answers a
+    /// NATS producer's reply subject with "no responders"). See
+    /// `server::run_queue_member` and `attach::run_queue_member`.
     Queue,
 }
 

@@ -23,7 +23,7 @@ use socketioxide::socket::Socket;
 use socketioxide::{BroadcastError, SendError, SocketError, SocketIo, TransportType};
 use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 
-use crate::bridge::{reply, Bridge, ClientInfo, CATCH_ALL};
+use crate::bridge::{reply, Bridge, ClientInfo, RoomCounts, CATCH_ALL};
 use crate::envelope::{self, EnvelopeOut, Field, Reject};
 use crate::route::Delivery;
 use crate::telemetry::{self, TO_NATS, TO_SOCKETIO};
@@ -228,10 +228,10 @@ impl ConnectHandler<LocalAdapter, Hub> for Hub {
         SocketRef::from(s).on_disconnect(
             async move |s: SocketRef, reason: socketioxide::socket::DisconnectReason| {
                 let removed = {
-                    let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
-                    let removed = clients.remove(&s.id);
+                    // `rooms` before `clients`, as everywhere.
+                    let mut rooms = lock(&bridge.rooms);
+                    let removed = lock(&bridge.clients).remove(&s.id);
                     if let Some(c) = &removed {
-                        let mut rooms = lock(&bridge.rooms);
                         let mut after = c.topics.clone();
                         for t in &c.topics {
                             after.remove(t);
@@ -384,6 +384,9 @@ fn on_subscription(
         Err(r) => return refuse(bridge, s, event, r, "", ack),
     };
     let Some(io) = bridge.io() else { return };
+    // Joining or leaving and its notice are one step for every delivery
+    // (see `deliver`).
+    let mut rooms = lock(&bridge.rooms);
     let notice = if join {
         s.join(topic.clone());
         format!("New Joiner {} to topic {}", s.id, topic)
@@ -396,7 +399,7 @@ fn on_subscription(
         if let Some(c) = clients.get_mut(&s.id) {
             c.last_active_ms = envelope::now_ms();
             if join {
-                lock(&bridge.rooms).joined(&topic, &c.topics);
+                rooms.joined(&topic, &c.topics);
                 c.topics.insert(topic.clone());
             } else {
                 left = c.topics.remove(&topic);
@@ -413,17 +416,18 @@ fn on_subscription(
         date: Field::Num(envelope::now_ms()),
         payload: Some(&payload),
     };
-    deliver(bridge, io, "", &topic, &env);
+    deliver_held(bridge, &rooms, io, "", &topic, &env);
     if !join {
         // Counted out only now: the leaver gets its own notice.
         s.leave(topic.clone());
         if left {
             let clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(c) = clients.get(&s.id) {
-                lock(&bridge.rooms).left(&topic, &c.topics);
+                rooms.left(&topic, &c.topics);
             }
         }
     }
+    drop(rooms);
     bridge.membership_changed();
     reply(ack, Ok(()));
 }
@@ -527,13 +531,32 @@ fn is_queue(bridge: &Bridge, mapped: &Option<crate::route::Mapped>) -> bool {
 
 /// Competes in a point-to-point route's queue group while the legacy room
 /// has at least one member, and hands each message it is given to the room,
-/// as trade-feed did: the legacy side is one consumer of the group. A message that arrives as the last member leaves is published
-/// again (once) so that another consumer gets it.
+/// as trade-feed did: the legacy side is one consumer of the group.
+///
+/// Exactly once, also while consumers come and go:
+/// - The bridge joins the group when the room gets its first member
+///   (`tradefeed_bridge_queue_member{route}` turns 1 once the server knows)
+///   and leaves it when the room is empty.
+/// - Leaving drains the subscription: the server stops choosing the bridge,
+///   and the messages already on their way still arrive. Those, and any
+///   message that finds the room empty, are given back to the group (once,
+///   counted in `tradefeed_bridge_messages_requeued_total`), published on the
+///   queue connection after its unsubscribe, so that the server cannot hand
+///   them back to this bridge.
+/// - A message is handed to the room and a consumer joins or leaves under one
+///   lock (`Bridge::rooms`, taken by `deliver_to`): a consumer that
+///   unsubscribes gets every message handed to it before its own leave
+///   notice, and none after. A consumer that waits for that notice before
+///   disconnecting loses nothing.
 pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, route: usize) {
     let r = bridge.routes.get(route).clone();
     let subject = r.subject.as_str().to_string();
     let group = r.queue_group.clone().unwrap_or_default();
     let topic = r.topic.as_str().to_string();
+    let member = metrics::gauge!(telemetry::QUEUE_MEMBER, "route" => r.name.clone());
+    member.set(0.0);
+    // The series exists from start-up, at 0.
+    metrics::counter!(telemetry::REQUEUED, "route" => r.name.clone()).increment(0);
     let mut epoch = bridge.membership.subscribe();
     let mut sub: Option<async_nats::Subscriber> = None;
     loop {
@@ -547,18 +570,18 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                 .await
             {
                 Ok(s) => {
+                    // The server knows the interest once the flush returns.
                     let _ = qclient.flush().await;
                     sub = Some(s);
+                    member.set(1.0);
                     tracing::info!(%subject, %group, members, "joined the queue group for legacy consumers");
                 }
                 Err(e) => tracing::warn!(%subject, "cannot join the queue group: {e}"),
             }
         } else if !want {
-            if let Some(mut s) = sub.take() {
-                let _ = s.unsubscribe().await;
-                while let Some(Some(msg)) = s.next().now_or_never() {
-                    requeue(&bridge, route, msg).await;
-                }
+            if let Some(s) = sub.take() {
+                leave_queue_group(&bridge, &qclient, route, s, None).await;
+                member.set(0.0);
                 tracing::info!(%subject, %group, "left the queue group: no legacy consumer");
             }
         }
@@ -574,32 +597,89 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                     None => std::future::pending().await,
                 }
             } => match msg {
-                Some(msg) => take_queued(&bridge, route, msg).await,
-                None => sub = None,
+                Some(msg) => {
+                    if !take_queued(&bridge, route, &msg) {
+                        // The room emptied before its change was seen here:
+                        // leave first, then give the message back.
+                        if let Some(s) = sub.take() {
+                            leave_queue_group(&bridge, &qclient, route, s, Some(msg)).await;
+                            member.set(0.0);
+                            tracing::info!(%subject, %group, "left the queue group: its last legacy consumer left");
+                        }
+                    }
+                }
+                None => {
+                    sub = None;
+                    member.set(0.0);
+                }
             },
         }
     }
 }
 
-async fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Message) {
-    let Some(io) = bridge.io() else { return };
-    let received = Instant::now();
-    let mut handed: Option<bool> = None;
-    bridge.queued_to_legacy(&msg, route, |route, topic, env| {
-        let name = &bridge.routes.get(route).name;
-        let n = deliver_to(bridge, io, Audience::Room, name, topic, env);
-        if n > 0 {
-            bridge.forwarded_to_socketio(route, received, n);
-        }
-        handed = Some(n > 0);
-    });
-    if handed == Some(false) {
-        requeue(bridge, route, msg).await;
+/// Leaves the queue group without losing what the server already sent this
+/// member: drains the subscription, hands what still arrives to the room if
+/// it has a member again, and gives the rest back to the group.
+async fn leave_queue_group(
+    bridge: &Arc<Bridge>,
+    qclient: &async_nats::Client,
+    route: usize,
+    mut sub: async_nats::Subscriber,
+    first: Option<async_nats::Message>,
+) {
+    let mut back: Vec<async_nats::Message> = first.into_iter().collect();
+    if let Err(e) = sub.drain().await {
+        tracing::warn!("draining the queue subscription failed: {e}");
     }
+    // The drain ends with a round trip to the server; bounded in case the
+    // connection is down meanwhile.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(msg)) => {
+                if !take_queued(bridge, route, &msg) {
+                    back.push(msg);
+                }
+            }
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!("the queue subscription did not finish draining within 5 s");
+                break;
+            }
+        }
+    }
+    for msg in back {
+        requeue(bridge, qclient, route, msg).await;
+    }
+    let _ = qclient.flush().await;
 }
 
-/// Gives a point-to-point message back to the queue group, once.
-pub(crate) async fn requeue(bridge: &Arc<Bridge>, route: usize, msg: async_nats::Message) {
+/// Hands a message the queue group gave this bridge to the legacy room.
+/// `false` when the room has nobody to take it (the caller gives it back).
+fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: &async_nats::Message) -> bool {
+    let Some(io) = bridge.io() else { return false };
+    let received = Instant::now();
+    let mut handed = true;
+    bridge.queued_to_legacy(msg, route, |route, topic, env| {
+        let name = &bridge.routes.get(route).name;
+        let n = deliver_to(bridge, io, Audience::Room, name, topic, env);
+        handed = n > 0;
+        if handed {
+            bridge.forwarded_to_socketio(route, received, n);
+        }
+    });
+    handed
+}
+
+/// Gives a point-to-point message back to the queue group, once. Published
+/// on `qclient`, the connection whose queue subscription let it go, after
+/// its unsubscribe, so the server does not choose this bridge again.
+pub(crate) async fn requeue(
+    bridge: &Arc<Bridge>,
+    qclient: &async_nats::Client,
+    route: usize,
+    msg: async_nats::Message,
+) {
     const H_REQUEUED: &str = "Tradefeed-Bridge-Requeued";
     let mut headers = msg.headers.clone().unwrap_or_default();
     if headers.get(H_REQUEUED).is_some() {
@@ -610,9 +690,9 @@ pub(crate) async fn requeue(bridge: &Arc<Bridge>, route: usize, msg: async_nats:
         return;
     }
     headers.insert(H_REQUEUED, bridge.instance_id.as_str());
-    let Some(client) = bridge.nats() else { return };
     let reply = format!("{}.{}", bridge.no_responders_prefix(), route);
-    if let Err(e) = client
+    let name = &bridge.routes.get(route).name;
+    if let Err(e) = qclient
         .publish_with_reply_and_headers(msg.subject.clone(), reply, headers, msg.payload.clone())
         .await
     {
@@ -621,7 +701,8 @@ pub(crate) async fn requeue(bridge: &Arc<Bridge>, route: usize, msg: async_nats:
             &format!("giving it back to the queue group failed: {e}"),
         );
     } else {
-        tracing::info!(subject = %msg.subject, "gave a point-to-point message back: its legacy consumer left");
+        metrics::counter!(telemetry::REQUEUED, "route" => name.clone()).increment(1);
+        tracing::info!(subject = %msg.subject, "gave a point-to-point message back: no legacy consumer is left");
     }
 }
 
@@ -665,6 +746,9 @@ pub async fn watch_no_responders(
 /// After an overflow the bridge emits socket by socket for a while
 /// (`OVERFLOW_MODE_MS`), which names each client that misses a message as
 /// it happens; a broadcast only says how many did.
+///
+/// Rooms do not change meanwhile (`Bridge::rooms`): a client that
+/// unsubscribes gets each message before its leave notice, or not at all.
 pub fn deliver(
     bridge: &Bridge,
     io: &SocketIo,
@@ -672,10 +756,21 @@ pub fn deliver(
     topic: &str,
     env: &EnvelopeOut<'_>,
 ) -> usize {
-    let (recipients, catch_all) = {
-        let rooms = lock(&bridge.rooms);
-        (rooms.recipients(topic), rooms.members(CATCH_ALL) > 0)
-    };
+    let rooms = lock(&bridge.rooms);
+    deliver_held(bridge, &rooms, io, route, topic, env)
+}
+
+/// `deliver`, for a caller that holds `Bridge::rooms`.
+fn deliver_held(
+    bridge: &Bridge,
+    rooms: &RoomCounts,
+    io: &SocketIo,
+    route: &str,
+    topic: &str,
+    env: &EnvelopeOut<'_>,
+) -> usize {
+    let recipients = rooms.recipients(topic);
+    let catch_all = rooms.members(CATCH_ALL) > 0;
     if recipients == 0 {
         return 0;
     }
@@ -796,6 +891,7 @@ pub fn deliver_to(
     topic: &str,
     env: &EnvelopeOut<'_>,
 ) -> usize {
+    let _rooms = bridge.rooms.lock().unwrap_or_else(|e| e.into_inner());
     let sockets = match audience {
         Audience::Room => io.within(topic.to_string()).sockets(),
         Audience::Observers => io.within("/*").except(topic.to_string()).sockets(),

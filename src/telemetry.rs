@@ -40,6 +40,10 @@ pub const UPSTREAM_CONNECTED: &str = "tradefeed_bridge_upstream_connected";
 pub const UPSTREAM_RECONNECTS: &str = "tradefeed_bridge_upstream_reconnects_total";
 pub const BUFFERED: &str = "tradefeed_bridge_upstream_buffered_messages";
 pub const ATTACH_ACTIVE: &str = "tradefeed_bridge_attach_active";
+/// 1 while the bridge is a member of a point-to-point route's queue group.
+pub const QUEUE_MEMBER: &str = "tradefeed_bridge_queue_member";
+/// Point-to-point messages the bridge gave back to the queue group.
+pub const REQUEUED: &str = "tradefeed_bridge_messages_requeued_total";
 pub const INFO: &str = "tradefeed_bridge_info";
 
 /// The `route` label of a message no route applies to (unparsable input,
@@ -58,8 +62,8 @@ pub fn init_logging(cfg: &LogConfig, secrets: &[String]) {
     use tracing_subscriber::EnvFilter;
     let filter = std::env::var("RUST_LOG")
         .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(&cfg.level));
+        .and_then(|f| EnvFilter::try_new(filter_directives(&f)).ok())
+        .unwrap_or_else(|| EnvFilter::new(filter_directives(&cfg.level)));
     // Colours only on a terminal: a log file or container log keeps plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -68,6 +72,18 @@ pub fn init_logging(cfg: &LogConfig, secrets: &[String]) {
     match cfg.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.with_target(false).init(),
+    }
+}
+
+/// The filter for a configured level. A bare `info` means the bridge's own
+/// lifecycle lines: the libraries' info chatter (the NATS client announces
+/// every connect twice) stays out, at `warn`. Any other level or filter is
+/// taken as written, so `debug` and `trace` show the libraries too.
+pub fn filter_directives(level: &str) -> String {
+    if level.trim().eq_ignore_ascii_case("info") {
+        "warn,tradefeed_bridge=info".to_string()
+    } else {
+        level.to_string()
     }
 }
 
@@ -488,6 +504,15 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bare_info_keeps_libraries_at_warn() {
+        assert_eq!(filter_directives("info"), "warn,tradefeed_bridge=info");
+        assert_eq!(filter_directives(" INFO "), "warn,tradefeed_bridge=info");
+        for as_written in ["debug", "trace", "warn", "info,async_nats=debug"] {
+            assert_eq!(filter_directives(as_written), as_written);
+        }
+    }
 
     /// Every reason a call site counts is one that is registered at start-up,
     /// so no series appears only after its first event.

@@ -160,7 +160,8 @@ impl Attach {
         ) else {
             return;
         };
-        if self.bridge.routes.get(mapped.route).delivery == crate::route::Delivery::Queue {
+        let queue = self.bridge.routes.get(mapped.route).delivery == crate::route::Delivery::Queue;
+        if queue {
             out.reply = Some(format!(
                 "{}.{}",
                 self.bridge.no_responders_prefix(),
@@ -173,6 +174,14 @@ impl Attach {
                 st.legacy.hold(legacy_key, None, now);
                 drop(st);
                 self.bridge.enqueue(out);
+            }
+            // A standby does not watch a point-to-point subject (see
+            // `nats_side::subscribe_nats`), so it could never see the active
+            // bridge's copy and would send every order again at a takeover:
+            // it leaves them to the active bridge.
+            Role::Standby if queue => {
+                drop(st);
+                telemetry::suppressed(&route, TO_NATS, "left_to_active");
             }
             Role::Standby => match st.legacy.hold(legacy_key, Some(out), now) {
                 Hold::Held => {}

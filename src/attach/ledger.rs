@@ -174,6 +174,11 @@ impl<T> Rendezvous<T> {
         self.held.is_empty()
     }
 
+    /// Whether an item held satisfies `f`.
+    pub fn any(&self, f: impl Fn(&T) -> bool) -> bool {
+        self.held.values().any(|h| f(&h.item))
+    }
+
     /// Holds `item` until `key` is seen, unless it was seen already.
     pub fn hold(&mut self, key: String, item: T, now: Instant) -> Hold<T> {
         if self.take_sighting(&key) {

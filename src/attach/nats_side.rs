@@ -5,9 +5,9 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use serde_json::Value;
 
 use super::{ledger, Attach, Role};
@@ -76,15 +76,26 @@ impl Attach {
 }
 
 /// Subscribes on NATS: the routes' subjects for NATS -> legacy, and the
-/// subjects of routes that carry legacy traffic to NATS, so that a standby
-/// sees what the active bridge publishes.
+/// subjects of broadcast routes that carry legacy traffic to NATS, so that a
+/// standby sees what the active bridge publishes.
+///
+/// Point-to-point subjects are not watched: any subscription on them counts
+/// as a consumer for the NATS server, which would then never answer "no
+/// responders", and an order published while no processor exists anywhere
+/// would go uncounted (the bridge's `undeliverable`) and unnoticed by a NATS
+/// producer. The cost: at a takeover, legacy orders published on trade-feed
+/// between the old holder's end and the new holder's start are not carried.
 pub(super) async fn subscribe_nats(
     attach: &Arc<Attach>,
     client: &async_nats::Client,
 ) -> anyhow::Result<()> {
     let routes = &attach.bridge.routes;
     let mut subs: Vec<(String, Vec<usize>)> = routes.subscriptions();
-    for r in routes.routes().iter().filter(|r| r.direction.to_nats()) {
+    for r in routes
+        .routes()
+        .iter()
+        .filter(|r| r.direction.to_nats() && r.delivery != Delivery::Queue)
+    {
         let pattern = r.subject.subscription();
         if !subs.iter().any(|(p, _)| *p == pattern) {
             subs.push((pattern, Vec::new()));
@@ -107,6 +118,13 @@ pub(super) async fn subscribe_nats(
 /// active and attached and the route's consumers are declared to be on
 /// trade-feed; what it is given goes to trade-feed. On leaving the group it
 /// gives back what it was handed and had not sent.
+///
+/// `tradefeed_bridge_queue_member{route}` is 1 from the moment the NATS
+/// server knows the membership. After leaving it turns 0 only once the
+/// subscription is drained (what the server had already sent is given back,
+/// not dropped) and every order already handed to trade-feed has come back
+/// from it (its echo), i.e. trade-feed has given it to its room: a legacy
+/// processor that unsubscribes after that misses nothing.
 pub(super) async fn run_queue_member(
     attach: Arc<Attach>,
     client: async_nats::Client,
@@ -115,6 +133,9 @@ pub(super) async fn run_queue_member(
     let r = attach.bridge.routes.get(route).clone();
     let subject = r.subject.as_str().to_string();
     let group = r.queue_group.clone().unwrap_or_default();
+    let member = metrics::gauge!(telemetry::QUEUE_MEMBER, "route" => r.name.clone());
+    member.set(0.0);
+    metrics::counter!(telemetry::REQUEUED, "route" => r.name.clone()).increment(0);
     let mut epoch = attach.bridge.membership.subscribe();
     let mut sub: Option<async_nats::Subscriber> = None;
     loop {
@@ -127,13 +148,16 @@ pub(super) async fn run_queue_member(
                 Ok(s) => {
                     let _ = client.flush().await;
                     sub = Some(s);
+                    member.set(1.0);
                     tracing::info!(%subject, %group, "joined the queue group for trade-feed's consumers");
                 }
                 Err(e) => tracing::warn!(%subject, "cannot join the queue group: {e}"),
             }
         } else if !want {
             if let Some(s) = sub.take() {
-                leave_queue_group(&attach, s, route).await;
+                leave_queue_group(&attach, &client, s, route).await;
+                settled_on_trade_feed(&attach, route).await;
+                member.set(0.0);
                 tracing::info!(%subject, %group, "left the queue group");
             }
         }
@@ -145,7 +169,10 @@ pub(super) async fn run_queue_member(
             }
             msg = next_queued(&mut sub) => match msg {
                 Some(msg) => attach.take_queued(msg, route).await,
-                None => sub = None,
+                None => {
+                    sub = None;
+                    member.set(0.0);
+                }
             },
         }
     }
@@ -158,10 +185,46 @@ async fn next_queued(sub: &mut Option<async_nats::Subscriber>) -> Option<async_n
     }
 }
 
-async fn leave_queue_group(attach: &Attach, mut s: async_nats::Subscriber, route: usize) {
-    let _ = s.unsubscribe().await;
-    while let Some(Some(msg)) = s.next().now_or_never() {
-        crate::server::requeue(&attach.bridge, route, msg).await;
+/// Drains rather than unsubscribes: an unsubscribe drops on arrival the
+/// messages the server already sent this member, a drain still delivers
+/// them. They are given back on the same connection, after its unsubscribe,
+/// so the server does not choose this bridge again.
+async fn leave_queue_group(
+    attach: &Attach,
+    client: &async_nats::Client,
+    mut s: async_nats::Subscriber,
+    route: usize,
+) {
+    if let Err(e) = s.drain().await {
+        tracing::warn!("draining the queue subscription failed: {e}");
+    }
+    // The drain ends with a round trip to the server; bounded in case the
+    // connection is down meanwhile.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(Some(msg)) = tokio::time::timeout_at(deadline, s.next()).await {
+        crate::server::requeue(&attach.bridge, client, route, msg).await;
+    }
+    let _ = client.flush().await;
+}
+
+/// Waits, bounded, until every message of `route` handed to trade-feed has
+/// come back from it (trade-feed echoes a publish to every subscriber, this
+/// bridge included): trade-feed has then given it to its room.
+async fn settled_on_trade_feed(attach: &Attach, route: usize) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let waiting = {
+            let st = attach.state();
+            st.outbox.iter().any(|p| p.route == route) || st.in_flight.any(|p| p.route == route)
+        };
+        if !waiting || !attach.attached.load(Ordering::Relaxed) {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!("orders handed to trade-feed were not echoed within 5 s");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -169,7 +232,9 @@ impl Attach {
     /// An order the queue group gave this bridge for trade-feed's consumers.
     async fn take_queued(&self, msg: async_nats::Message, route: usize) {
         if !self.is_active() {
-            crate::server::requeue(&self.bridge, route, msg).await;
+            if let Some(client) = self.bridge.nats() {
+                crate::server::requeue(&self.bridge, client, route, msg).await;
+            }
             return;
         }
         let mut pending = None;

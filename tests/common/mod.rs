@@ -561,6 +561,11 @@ impl Agent {
         Agent::spawn(&format!("nats-{lang:?}"), agent_command("nats", lang))
     }
 
+    /// Any program that speaks the agent protocol (e.g. the simulators of sim/).
+    pub fn program(name: &str, cmd: Command) -> Agent {
+        Agent::spawn(name, cmd)
+    }
+
     fn spawn(name: &str, mut cmd: Command) -> Agent {
         let mut child = cmd
             .stdin(Stdio::piped())
