@@ -103,10 +103,11 @@ fn decommission_check(admin_url: &str, quiet_for: std::time::Duration) -> ExitCo
     match decommission::fetch(admin_url) {
         Ok(report) => {
             let verdict = decommission::evaluate(&report, quiet_for);
-            print!(
-                "{}",
-                decommission::render(admin_url, quiet_for, &report, &verdict)
-            );
+            if !emit(&decommission::render(
+                admin_url, quiet_for, &report, &verdict,
+            )) {
+                return ExitCode::FAILURE;
+            }
             if verdict.ready() {
                 ExitCode::SUCCESS
             } else {
@@ -124,7 +125,9 @@ fn prune_check(path: &std::path::Path, exclude: &[PathBuf]) -> ExitCode {
     use tradefeed_bridge::prune;
     match prune::scan(path, exclude) {
         Ok(scan) => {
-            print!("{}", prune::render(path, &scan));
+            if !emit(&prune::render(path, &scan)) {
+                return ExitCode::FAILURE;
+            }
             if scan.errors() == 0 {
                 ExitCode::SUCCESS
             } else {
@@ -161,24 +164,51 @@ fn probe(path: &std::path::Path, url: Option<String>) -> ExitCode {
 fn check_config(path: &std::path::Path, show: bool) -> ExitCode {
     match config::load(path, true) {
         Ok(c) => {
-            println!("{}: configuration is valid", path.display());
-            println!("{}", c.summary());
             let table = tradefeed_bridge::route::RouteTable::compile(&c.routes).expect("validated");
-            print!("{}", table.describe());
+            let mut text = format!(
+                "{}: configuration is valid\n{}\n{}",
+                path.display(),
+                c.summary(),
+                table.describe()
+            );
             if show {
                 match c.to_toml() {
-                    Ok(text) => print!("\n# effective configuration\n{text}"),
+                    Ok(effective) => {
+                        text.push_str("\n# effective configuration\n");
+                        text.push_str(&effective);
+                    }
                     Err(e) => {
                         eprintln!("cannot print the configuration: {e}");
                         return ExitCode::FAILURE;
                     }
                 }
             }
-            ExitCode::SUCCESS
+            if emit(&text) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         Err(e) => {
             eprint!("{}: {e}", path.display());
             ExitCode::from(2)
+        }
+    }
+}
+
+/// Writes a report to standard output. A reader that stopped early (`| head`)
+/// is not an error: the exit code still gives the verdict. Any other failure
+/// to write is reported, and the caller exits non-zero, since a report that
+/// did not arrive must not look like a pass.
+fn emit(text: &str) -> bool {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
+        Err(e) => {
+            eprintln!("cannot write to standard output: {e}");
+            false
         }
     }
 }

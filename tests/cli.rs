@@ -519,3 +519,34 @@ fn reference_config_documents_every_key_with_its_default() {
         serde_json::to_value(&traderx.routes).unwrap()
     );
 }
+
+/// A reader that goes away early (`check-config --show | head -1`) ends the
+/// report without a panic, and the exit code still gives the verdict.
+#[test]
+fn a_closed_standard_output_keeps_the_verdict() {
+    let state_005 = root().join("tests/fixtures/prune/state-005");
+    let state_005 = state_005.display().to_string();
+    let config = root().join("config/traderx.toml").display().to_string();
+    for (args, verdict) in [
+        (
+            vec!["--config", config.as_str(), "check-config", "--show"],
+            0,
+        ),
+        (vec!["prune-check", state_005.as_str()], 1),
+    ] {
+        let mut child = std::process::Command::new(bridge_bin())
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("bridge binary");
+        // Closed before the child can have written anything.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("bridge binary");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(verdict), "{args:?}: {err}");
+    }
+}
