@@ -207,7 +207,7 @@ function metricValue(text, name, labels = {}) {
  * group accordingly (`tradefeed_bridge_queue_member`).
  */
 async function declareLegacyConsumers(adminUrl, route, present) {
-  const res = await fetch(`${adminUrl.replace(/\/$/, '')}/api/attach/legacy-consumers/${route}`, {
+  const res = await fetch(`${adminUrl.replace(/\/$/, '')}/api/legacy-consumers/${route}`, {
     method: 'PUT',
     headers: { 'content-type': 'application/json' },
     body: JSON.stringify(present),

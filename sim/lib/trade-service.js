@@ -8,12 +8,13 @@ const c = require('./common');
 
 class TradeService {
   /**
-   * opts: legacyUrl, legacyPath, natsUrl, subjectMap, runId, seed,
+   * opts: legacyUrl, legacyPath, natsUrl, subjectMap, runId, seed, accounts
+   * (the accounts orders are for; default the fixed set),
    * retryUnconsumed (NATS: publish again an order the server reports no
    * consumer for, which is safe because nobody got it), retryFor (ms).
    */
   constructor(opts) {
-    this.o = { legacyPath: '/socket.io', subjectMap: 'spec', runId: 'T', seed: 1, retryFor: 30000, ...opts };
+    this.o = { legacyPath: '/socket.io', subjectMap: 'spec', runId: 'T', seed: 1, retryFor: 30000, accounts: c.ACCOUNTS, ...opts };
     this.s = c.subjects(this.o.subjectMap);
     this.rand = c.rng(Number(this.o.seed));
     this.bus = null;
@@ -58,7 +59,7 @@ class TradeService {
       state: 'New',
       security: c.SECURITIES[Math.floor(r() * c.SECURITIES.length)],
       quantity: (1 + Math.floor(r() * 10)) * 10,
-      accountId: c.ACCOUNTS[Math.floor(r() * c.ACCOUNTS.length)],
+      accountId: this.o.accounts[Math.floor(r() * this.o.accounts.length)],
       side: r() < 0.5 ? 'Buy' : 'Sell',
     };
   }
