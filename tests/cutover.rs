@@ -1086,12 +1086,16 @@ fn smoke_script_documents_its_interface() {
         "--bridge-url",
         "--admin-url",
         "--nats-url",
+        "--accounts",
     ] {
         assert!(text.contains(opt), "--help does not mention {opt}");
     }
     let (code, text) = smoke(&["--stage", "cutover"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("--stage must be"), "{text}");
+    let (code, text) = smoke(&["--accounts", "22214,IBM"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--accounts must be account ids"), "{text}");
 }
 
 // ------------------------------------------------------------------ no consumer anywhere
