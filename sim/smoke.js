@@ -23,6 +23,7 @@ const spec = {
   'legacy-url': { help: 'Socket.IO URL legacy clients use (server mode: the bridge; attach mode: trade-feed)' },
   'legacy-path': { default: '/socket.io', help: 'Socket.IO path' },
   'nats-url': { help: 'NATS URL' },
+  'ui-nats-url': { help: "the UI screens' NATS URL (default --nats-url), e.g. ws://ingress/nats-ws as browsers use" },
   'admin-url': { help: "the bridge's admin URL" },
   subjects: { default: 'spec', help: 'subject map: spec or verbatim' },
   accounts: { default: c.ACCOUNTS.join(','), help: 'accounts the orders are for, comma separated (one screen each)' },
@@ -70,7 +71,7 @@ async function main() {
     fail(`cannot read the bridge's metrics at ${admin}: ${e.message}`);
   }
   const runId = `SMOKE-${Date.now().toString(36)}`;
-  const ui = new Ui({ ...base, accounts: accounts.map(Number) });
+  const ui = new Ui({ ...base, natsUrl: o['ui-nats-url'] || base.natsUrl, accounts: accounts.map(Number) });
   const p = new TradeProcessor({ ...base, adminUrl: admin, mode: o.mode });
   const s = new TradeService({ ...base, runId, accounts: accounts.map(Number) });
   const t0 = Date.now();

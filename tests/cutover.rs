@@ -1087,6 +1087,7 @@ fn smoke_script_documents_its_interface() {
         "--admin-url",
         "--nats-url",
         "--accounts",
+        "--ui-nats-url",
     ] {
         assert!(text.contains(opt), "--help does not mention {opt}");
     }
@@ -1096,6 +1097,9 @@ fn smoke_script_documents_its_interface() {
     let (code, text) = smoke(&["--accounts", "22214,IBM"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("--accounts must be account ids"), "{text}");
+    let (code, text) = smoke(&["--ui-nats-url", "http://ingress/nats-ws"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--ui-nats-url must be"), "{text}");
 }
 
 // ------------------------------------------------------------------ no consumer anywhere
