@@ -115,7 +115,8 @@ class TradeService {
     const first = this.next;
     const t0 = c.now();
     const plan = [...switchAt].sort((a, b) => a.n - b.n);
-    while (this.next < first + count) {
+    this.stopping = false;
+    while (this.next < first + count && !this.stopping) {
       if (plan.length && this.next - first >= plan[0].n) {
         await this.switchTo(plan.shift().to);
         continue;
@@ -134,6 +135,12 @@ class TradeService {
     }
     await this.settle();
     return { sent: this.next - first, took_ms: Math.round(c.now() - t0) };
+  }
+
+  /** Ends the run in progress after the order being sent; the run then settles and answers. */
+  stop() {
+    this.stopping = true;
+    return {};
   }
 
   /** Waits until everything sent is with the hub / the NATS server (and retries are done). */
