@@ -502,10 +502,7 @@ fn shipped_broker_runs_with_jetstream_websocket_and_warm_pings() {
 
 /// Every compose file shipped: the two overlays and the stage files.
 fn compose_files() -> Vec<std::path::PathBuf> {
-    let mut files = vec![
-        root().join(OVERLAY),
-        root().join(ATTACH_OVERLAY),
-    ];
+    let mut files = vec![root().join(OVERLAY), root().join(ATTACH_OVERLAY)];
     let mut stages: Vec<_> = std::fs::read_dir(root().join("compose/stages"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -584,7 +581,10 @@ fn attach_overlay(legacy_processor: Option<&str>) -> Value {
 fn attach_overlay_runs_the_bridge_beside_trade_feed() {
     let doc = attach_overlay(None);
     let services = doc["services"].as_object().unwrap();
-    assert!(!services.contains_key("trade-feed"), "trade-feed stays as it is");
+    assert!(
+        !services.contains_key("trade-feed"),
+        "trade-feed stays as it is"
+    );
     for svc in ["trade-service", "trade-processor"] {
         assert!(!services.contains_key(svc), "{svc} is not touched");
     }
@@ -604,7 +604,10 @@ fn attach_overlay_runs_the_bridge_beside_trade_feed() {
     );
     assert!(depends_healthy(bridge, "nats-broker"));
     assert_eq!(strings(&bridge["ports"]), ["18097:18097"]);
-    assert!(depends_healthy(&doc["services"]["ingress"], "tradefeed-bridge"));
+    assert!(depends_healthy(
+        &doc["services"]["ingress"],
+        "tradefeed-bridge"
+    ));
 
     for (setting, want) in [(None, "true"), (Some("false"), "false")] {
         let doc = attach_overlay(setting);
@@ -613,7 +616,10 @@ fn attach_overlay_runs_the_bridge_beside_trade_feed() {
             .unwrap()
             .clone();
         assert_eq!(env["TRADEFEED_BRIDGE_MODE"], "attach");
-        assert_eq!(env["TRADEFEED_BRIDGE_ATTACH__URL"], "http://trade-feed:18086");
+        assert_eq!(
+            env["TRADEFEED_BRIDGE_ATTACH__URL"],
+            "http://trade-feed:18086"
+        );
         let mut cmd = Command::new(bridge_bin());
         cmd.current_dir(root())
             .args(["--config", "config/traderx.toml", "check-config", "--show"])
@@ -647,8 +653,9 @@ fn attach_overlay_mounts_upstreams_for_trade_feed_and_the_bridge() {
     let dir = nginx::ingress_dir();
     let upstreams = dir.join("tradefeed-upstreams-attach.conf");
     assert!(
-        m.iter().any(|(s, t)| Path::new(s) == upstreams
-            && t == "/etc/nginx/conf.d/tradefeed-upstreams.conf"),
+        m.iter()
+            .any(|(s, t)| Path::new(s) == upstreams
+                && t == "/etc/nginx/conf.d/tradefeed-upstreams.conf"),
         "{m:?}"
     );
     for (s, _) in &m {
@@ -706,10 +713,14 @@ fn stage_files_build_the_nats_versions_of_traderx_services() {
     }
     assert_eq!(
         moved,
-        ["trade-processor-nats", "trade-service", "web-front-end-angular"]
-            .map(String::from)
-            .into_iter()
-            .collect()
+        [
+            "trade-processor-nats",
+            "trade-service",
+            "web-front-end-angular"
+        ]
+        .map(String::from)
+        .into_iter()
+        .collect()
     );
     assert!(known.contains("trade-service") && known.contains("web-front-end-angular"));
 }
