@@ -91,6 +91,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 server::watch_no_responders(bridge.clone(), client.clone()).await?;
                 let qclient =
                     nats::connect_queue_member(&bridge.config.nats, &bridge, &give_up).await?;
+                // Orders given back to the group are published on this
+                // connection, and the server answers "no responders" only to
+                // the connection that published.
+                server::watch_no_responders(bridge.clone(), qclient.clone()).await?;
                 let queued: Vec<usize> = bridge
                     .routes
                     .queue_routes()

@@ -292,10 +292,84 @@ impl Default for Config {
 }
 
 /// A value that must never be printed: `Debug`, `Display` and `Serialize`
-/// all give `***`.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
+/// all give `***`, and a value of the wrong type is refused without being
+/// shown.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+/// Why a secret of the wrong type was refused; never the value itself.
+const SECRET_NOT_A_STRING: &str =
+    "must be a string: quote it (the value is not shown because it is a secret)";
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_string(SecretVisitor)
+    }
+}
+
+/// Takes a string; refuses anything else with [`SECRET_NOT_A_STRING`] rather
+/// than serde's "invalid type: found ...", which quotes the value.
+struct SecretVisitor;
+
+impl<'de> serde::de::Visitor<'de> for SecretVisitor {
+    type Value = Secret;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+        Ok(Secret(v.to_string()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Secret, E> {
+        Ok(Secret(v))
+    }
+
+    fn visit_char<E: serde::de::Error>(self, v: char) -> Result<Secret, E> {
+        Ok(Secret(v.to_string()))
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+        Err(E::custom(SECRET_NOT_A_STRING))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+        Err(E::custom(SECRET_NOT_A_STRING))
+    }
+
+    fn visit_i128<E: serde::de::Error>(self, _: i128) -> Result<Secret, E> {
+        Err(E::custom(SECRET_NOT_A_STRING))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+        Err(E::custom(SECRET_NOT_A_STRING))
+    }
+
+    fn visit_u128<E: serde::de::Error>(self, _: u128) -> Result<Secret, E> {
+        Err(E::custom(SECRET_NOT_A_STRING))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+        Err(E::custom(SECRET_NOT_A_STRING))
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, _: &[u8]) -> Result<Secret, E> {
+        Err(E::custom(SECRET_NOT_A_STRING))
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Secret, E> {
+        Err(E::custom(SECRET_NOT_A_STRING))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
+        Err(serde::de::Error::custom(SECRET_NOT_A_STRING))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
+        Err(serde::de::Error::custom(SECRET_NOT_A_STRING))
+    }
+}
 
 impl Serialize for Secret {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
@@ -372,7 +446,46 @@ pub fn figment(path: &Path, file_required: bool) -> Result<Figment, ConfigErrors
     }
     // CONFIG and LOG_* style variables used by the command line itself are not keys.
     let env = Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]);
-    Ok(fig.merge(env))
+    // Credentials are taken exactly as written: figment would read `0123`
+    // as the number 123 and `true` as a boolean.
+    let literal = env.clone().filter(|k| literal_env_key(k.as_str()));
+    fig = fig.merge(env.filter(|k| !literal_env_key(k.as_str())));
+    for (key, value) in literal.iter() {
+        fig = fig.merge(figment::providers::Serialized::default(key.as_str(), value));
+    }
+    Ok(fig)
+}
+
+/// Keys whose environment variable is a plain string, never parsed: the
+/// credentials (and the user name that goes with a password).
+fn literal_env_key(key: &str) -> bool {
+    const KEYS: [&str; 5] = [
+        "nats.token",
+        "nats.user",
+        "nats.password",
+        "nats.nkey_seed",
+        "attach.auth_token",
+    ];
+    let key = key.to_ascii_lowercase();
+    KEYS.contains(&key.as_str()) || key.starts_with("attach.headers.")
+}
+
+/// A parse error without the excerpt of the file that the TOML parser
+/// quotes (the quoted line may hold a secret); the line and column stay.
+fn without_excerpt(message: &str) -> String {
+    let excerpt = |line: &str| {
+        line.trim_start()
+            .trim_start_matches(|c: char| c.is_ascii_digit())
+            .trim_start()
+            .starts_with('|')
+    };
+    message
+        .lines()
+        .filter(|l| !excerpt(l))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 /// Loads and checks the whole configuration.
@@ -399,7 +512,11 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigErrors> {
                 .map(|err| {
                     problem(
                         key_of(&err.path),
-                        format!("{}{}", err.kind, origin(fig, &err.path)),
+                        format!(
+                            "{}{}",
+                            without_excerpt(&err.kind.to_string()),
+                            origin(fig, &err.path)
+                        ),
                     )
                 })
                 .collect();
@@ -463,10 +580,13 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigErrors> {
     let Some(config) = config else {
         return Err(ConfigErrors(problems));
     };
+    // A key taken out has its default now: what the checks say of it
+    // follows from the problem already reported.
     let set_aside_key = |key: &str| {
         broken_routes
             .iter()
             .any(|i| key.starts_with(&format!("routes[{i}]")))
+            || removed.iter().any(|r| key_of(r) == key)
     };
     problems.extend(
         validate(&config)

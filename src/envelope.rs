@@ -122,6 +122,156 @@ pub fn parse_publish(arg: &RawValue) -> Result<Publish<'_>, Reject> {
     })
 }
 
+/// `first_arg` and `parse_publish` in one pass over the event's text
+/// (`["publish", {...}, ...]`), with the same answers: the text is read
+/// once instead of twice, and no list of the arguments is built.
+pub fn parse_publish_event(raw_event: &str) -> Result<Publish<'_>, Reject> {
+    let mut de = serde_json::Deserializer::from_str(raw_event);
+    let arg = match serde::Deserializer::deserialize_seq(&mut de, EventArgs) {
+        Ok(a) => a,
+        Err(_) => return Err(Reject::InvalidJson),
+    };
+    if de.end().is_err() {
+        return Err(Reject::InvalidJson);
+    }
+    let p = match arg {
+        Arg::Missing => return Err(Reject::NoArgument),
+        Arg::NotObject => return Err(Reject::NotObject),
+        Arg::Object(p) => p,
+    };
+    let topic_raw = p.topic.ok_or(Reject::NoTopic)?;
+    let topic: Cow<'_, str> =
+        serde_json::from_str(topic_raw.get()).map_err(|_| Reject::TopicNotString)?;
+    let kind = match p.kind {
+        Some(k) if k.get() != "null" => k,
+        _ => message_type(),
+    };
+    Ok(Publish {
+        topic,
+        kind,
+        payload: p.payload,
+    })
+}
+
+/// The second element of an event's argument list, as `parse_publish_event` sees it.
+enum Arg<'a> {
+    Missing,
+    NotObject,
+    Object(PublishIn<'a>),
+}
+
+struct EventArgs;
+
+impl<'de> serde::de::Visitor<'de> for EventArgs {
+    type Value = Arg<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an event's argument list")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Arg<'de>, A::Error> {
+        use serde::de::IgnoredAny;
+        if seq.next_element::<IgnoredAny>()?.is_none() {
+            return Ok(Arg::Missing);
+        }
+        let arg = seq
+            .next_element::<ArgOf<'de>>()?
+            .map_or(Arg::Missing, |a| a.0);
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(arg)
+    }
+}
+
+struct ArgOf<'a>(Arg<'a>);
+
+impl<'de> Deserialize<'de> for ArgOf<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ArgVisitor).map(ArgOf)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier)]
+enum Key {
+    #[serde(rename = "topic")]
+    Topic,
+    #[serde(rename = "type")]
+    Kind,
+    #[serde(rename = "payload")]
+    Payload,
+    #[serde(other)]
+    Other,
+}
+
+struct ArgVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ArgVisitor {
+    type Value = Arg<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Arg<'de>, A::Error> {
+        use serde::de::IgnoredAny;
+        let (mut topic, mut kind, mut payload) = (None, None, None);
+        // A field given twice makes the object unreadable, as for `parse_publish`.
+        let mut twice = false;
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Topic if topic.is_none() => {
+                    topic = Some(map.next_value::<Option<&'de RawValue>>()?)
+                }
+                Key::Kind if kind.is_none() => {
+                    kind = Some(map.next_value::<Option<&'de RawValue>>()?)
+                }
+                Key::Payload if payload.is_none() => {
+                    payload = Some(map.next_value::<&'de RawValue>()?)
+                }
+                Key::Topic | Key::Kind | Key::Payload => {
+                    twice = true;
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Key::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        if twice {
+            return Ok(Arg::NotObject);
+        }
+        Ok(Arg::Object(PublishIn {
+            topic: topic.flatten(),
+            kind: kind.flatten(),
+            payload,
+        }))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Arg<'de>, A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(Arg::NotObject)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Arg<'de>, E> {
+        Ok(Arg::NotObject)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Arg<'de>, E> {
+        Ok(Arg::NotObject)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Arg<'de>, E> {
+        Ok(Arg::NotObject)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Arg<'de>, E> {
+        Ok(Arg::NotObject)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Arg<'de>, E> {
+        Ok(Arg::NotObject)
+    }
+    fn visit_unit<E>(self) -> Result<Arg<'de>, E> {
+        Ok(Arg::NotObject)
+    }
+}
+
 /// An envelope on its way out, serialized field by field in the legacy
 /// order. Raw fields are copied verbatim.
 #[derive(Debug, Serialize)]
@@ -177,14 +327,19 @@ pub enum NatsBody<'a> {
 }
 
 /// Classifies a NATS body; `Err` when it is not UTF-8 JSON.
-pub fn parse_nats_body(body: &[u8]) -> Result<NatsBody<'_>, Reject> {
+///
+/// `from_bridge`: the message carries a bridge's origin header, so its body
+/// is the envelope a bridge made of a legacy publish, whatever its `type` (the
+/// legacy hub passes any JSON on) and even without a `payload` (a publish
+/// without one has none).
+pub fn parse_nats_body(body: &[u8], from_bridge: bool) -> Result<NatsBody<'_>, Reject> {
     let text = std::str::from_utf8(body).map_err(|_| Reject::InvalidJson)?;
     let raw: &RawValue = serde_json::from_str(text).map_err(|_| Reject::InvalidJson)?;
     let text = raw.get();
     if first_byte(text) == Some(b'{') {
         if let Ok(env) = serde_json::from_str::<EnvelopeIn<'_>>(text) {
             let typed = env.kind.is_some_and(|k| first_byte(k.get()) == Some(b'"'));
-            if typed && env.payload.is_some() {
+            if (typed && env.payload.is_some()) || (from_bridge && env.kind.is_some()) {
                 return Ok(NatsBody::Envelope(env));
             }
         }
@@ -227,6 +382,54 @@ mod tests {
         }
     }
 
+    /// The one-pass parse answers as `first_arg` then `parse_publish` do.
+    #[test]
+    fn one_pass_publish_parse_agrees() {
+        let events = [
+            r#"["publish",{"topic":"/trades","type":"TradeOrder","payload":{"a":[1,{"b":"]"}]}}]"#,
+            r#"["publish",{"topic":"/a\/b","payload":1}]"#,
+            r#" [ "publish" , {"payload":null,"topic":"/t","type":null} , 3, {"x":1} ] "#,
+            r#"["publish",{"topic":"/t","type":"X","extra":{"topic":1}}]"#,
+            r#"["publish",{"top\u0069c":"/escaped-key"}]"#,
+            r#"["publish",{"topic":"/t","topic":"/u"}]"#,
+            r#"["publish",{"topic":"/t","payload":1,"payload":2}]"#,
+            r#"["publish",{"type":"X","payload":{}}]"#,
+            r#"["publish",{"topic":7}]"#,
+            r#"["publish",{"topic":null}]"#,
+            r#"["publish",[1,2]]"#,
+            r#"["publish","just text"]"#,
+            r#"["publish",42]"#,
+            r#"["publish",-4.5e3]"#,
+            r#"["publish",true]"#,
+            r#"["publish",null]"#,
+            r#"["publish"]"#,
+            r#"[]"#,
+            r#"{"publish":1}"#,
+            r#"["publish",{"topic":"/t"]"#,
+            r#"["publish",{"topic":"/t"}"#,
+            r#"["publish",{"topic":"/t"}] x"#,
+            r#"["publish",{"topic":"/t","payload":nul}]"#,
+            "",
+        ];
+        for e in events {
+            let two = first_arg(e).and_then(parse_publish).map(|p| {
+                (
+                    p.topic.into_owned(),
+                    p.kind.get().to_string(),
+                    p.payload.map(|r| r.get().to_string()),
+                )
+            });
+            let one = parse_publish_event(e).map(|p| {
+                (
+                    p.topic.into_owned(),
+                    p.kind.get().to_string(),
+                    p.payload.map(|r| r.get().to_string()),
+                )
+            });
+            assert_eq!(one, two, "{e}");
+        }
+    }
+
     #[test]
     fn type_defaults_to_message() {
         let a = arg(r#"{"topic":"/t","payload":{}}"#);
@@ -247,7 +450,7 @@ mod tests {
         let a = arg(r#"{"topic":"/t"}"#);
         assert!(parse_publish(&a).unwrap().payload.is_none());
         assert!(matches!(
-            parse_nats_body(br#"{"type":"Trade","payload":null}"#),
+            parse_nats_body(br#"{"type":"Trade","payload":null}"#, false),
             Ok(NatsBody::Envelope(e)) if e.payload.map(|p| p.get()) == Some("null")
         ));
     }
@@ -284,20 +487,52 @@ mod tests {
     #[test]
     fn nats_bodies() {
         assert!(matches!(
-            parse_nats_body(br#"{"type":"Trade","from":"svc","date":5,"payload":{"id":"1"}}"#),
+            parse_nats_body(
+                br#"{"type":"Trade","from":"svc","date":5,"payload":{"id":"1"}}"#,
+                false
+            ),
             Ok(NatsBody::Envelope(_))
         ));
         // a payload that happens to have a `type` field but no payload is bare
         assert!(matches!(
-            parse_nats_body(br#"{"type":"Buy","quantity":5}"#),
+            parse_nats_body(br#"{"type":"Buy","quantity":5}"#, false),
             Ok(NatsBody::Bare(_))
         ));
-        assert!(matches!(parse_nats_body(b"[1]"), Ok(NatsBody::Bare(r)) if r.get() == "[1]"));
-        assert!(matches!(parse_nats_body(b" 12 "), Ok(NatsBody::Bare(r)) if r.get() == "12"));
-        assert_eq!(parse_nats_body(b"{nope").unwrap_err(), Reject::InvalidJson);
-        assert_eq!(parse_nats_body(b"").unwrap_err(), Reject::InvalidJson);
+        // a bridge's envelope of a legacy publish without payload, or with a
+        // type that is not a string, is still an envelope
+        for body in [
+            &br#"{"type":"Trade","from":"a","topic":"t.1","date":5}"#[..],
+            br#"{"type":5,"from":"a","topic":"t.1","date":5,"payload":1}"#,
+        ] {
+            assert!(matches!(
+                parse_nats_body(body, false),
+                Ok(NatsBody::Bare(_))
+            ));
+            assert!(matches!(
+                parse_nats_body(body, true),
+                Ok(NatsBody::Envelope(_))
+            ));
+        }
+        assert!(matches!(
+            parse_nats_body(br#"{"a":1}"#, true),
+            Ok(NatsBody::Bare(_))
+        ));
+        assert!(
+            matches!(parse_nats_body(b"[1]", false), Ok(NatsBody::Bare(r)) if r.get() == "[1]")
+        );
+        assert!(
+            matches!(parse_nats_body(b" 12 ", false), Ok(NatsBody::Bare(r)) if r.get() == "12")
+        );
         assert_eq!(
-            parse_nats_body(&[0xff, 0xfe]).unwrap_err(),
+            parse_nats_body(b"{nope", false).unwrap_err(),
+            Reject::InvalidJson
+        );
+        assert_eq!(
+            parse_nats_body(b"", false).unwrap_err(),
+            Reject::InvalidJson
+        );
+        assert_eq!(
+            parse_nats_body(&[0xff, 0xfe], false).unwrap_err(),
             Reject::InvalidJson
         );
     }

@@ -10,8 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ConnectInfo;
-use axum::http::{header, HeaderValue, Method, Request, StatusCode};
+use axum::extract::{ConnectInfo, OriginalUri};
+use axum::http::{header, HeaderValue, Method, Request, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use futures::{FutureExt, StreamExt};
@@ -23,7 +23,7 @@ use socketioxide::socket::Socket;
 use socketioxide::{BroadcastError, SendError, SocketError, SocketIo, TransportType};
 use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 
-use crate::bridge::{reply, Bridge, ClientInfo};
+use crate::bridge::{reply, Bridge, ClientInfo, RoomCounts, CATCH_ALL};
 use crate::envelope::{self, EnvelopeOut, Field, Reject};
 use crate::route::Delivery;
 use crate::telemetry::{self, TO_NATS, TO_SOCKETIO};
@@ -79,6 +79,7 @@ pub fn build(bridge: &Arc<Bridge>) -> (Router, SocketIo) {
                 let primary = primary.clone();
                 async move {
                     rewrite_alias(&mut req, &aliases, &primary);
+                    detach_from_read_buffer(&mut req);
                     Ok::<_, Infallible>(req)
                 }
             },
@@ -92,6 +93,55 @@ pub fn build(bridge: &Arc<Bridge>) -> (Router, SocketIo) {
 /// larger one grows the buffer as needed. 1 KiB instead of socketioxide's 4
 /// KiB saves 3 KiB per connected client (30 MB for 10,000 clients).
 const WS_READ_BUFFER_BYTES: usize = 1024;
+
+/// hyper hands over the URI and the header values as slices of the
+/// connection's read buffer (16 KiB once a request head has been read), and
+/// engineioxide keeps the request parts for the whole life of a socket, so
+/// every connected client kept that buffer alive: half the memory of an
+/// idle WebSocket client. The head is copied into one allocation of its own
+/// size and the URI, the header values and axum's `OriginalUri` are pointed
+/// at the copy; the buffer then goes when the upgraded connection first
+/// reads. `OriginalUri` matters: axum's router stored it (a second handle on
+/// the same URI) before any middleware runs, so copying the URI and headers
+/// alone kept the buffer.
+fn detach_from_read_buffer(req: &mut Request<axum::body::Body>) {
+    let uri = req.uri().to_string();
+    let size = uri.len() + req.headers().values().map(|v| v.len()).sum::<usize>();
+    let mut own = bytes::BytesMut::with_capacity(size);
+    own.extend_from_slice(uri.as_bytes());
+    let mut values = Vec::with_capacity(req.headers().len());
+    let mut name = None;
+    for (n, v) in std::mem::take(req.headers_mut()) {
+        if n.is_some() {
+            name = n;
+        }
+        if let Some(name) = &name {
+            own.extend_from_slice(v.as_bytes());
+            values.push((name.clone(), v));
+        }
+    }
+    let mut own = own.freeze();
+    let copied_uri = Uri::from_maybe_shared(own.split_to(uri.len()));
+    let headers = req.headers_mut();
+    headers.reserve(values.len());
+    for (name, v) in values {
+        // A value the copy refuses (none that hyper accepts) keeps its slice.
+        let value = match HeaderValue::from_maybe_shared(own.split_to(v.len())) {
+            Ok(mut value) => {
+                value.set_sensitive(v.is_sensitive());
+                value
+            }
+            Err(_) => v,
+        };
+        headers.append(name, value);
+    }
+    if let Ok(uri) = copied_uri {
+        if req.extensions().get::<OriginalUri>().is_some() {
+            req.extensions_mut().insert(OriginalUri(uri.clone()));
+        }
+        *req.uri_mut() = uri;
+    }
+}
 
 async fn not_found() -> Response {
     (StatusCode::NOT_FOUND, "not found\n").into_response()
@@ -177,11 +227,19 @@ impl ConnectHandler<LocalAdapter, Hub> for Hub {
         let bridge = self.0.clone();
         SocketRef::from(s).on_disconnect(
             async move |s: SocketRef, reason: socketioxide::socket::DisconnectReason| {
-                let removed = bridge
-                    .clients
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&s.id);
+                let removed = {
+                    // `rooms` before `clients`, as everywhere.
+                    let mut rooms = lock(&bridge.rooms);
+                    let removed = lock(&bridge.clients).remove(&s.id);
+                    if let Some(c) = &removed {
+                        let mut after = c.topics.clone();
+                        for t in &c.topics {
+                            after.remove(t);
+                            rooms.left(t, &after);
+                        }
+                    }
+                    removed
+                };
                 bridge.membership_changed();
                 bridge
                     .last_legacy_activity_ms
@@ -328,21 +386,23 @@ fn on_subscription(
     let Some(io) = bridge.io() else { return };
     // Joining or leaving and its notice are one step for every delivery
     // (see `deliver`).
-    let rooms = bridge.rooms.lock().unwrap_or_else(|e| e.into_inner());
+    let mut rooms = lock(&bridge.rooms);
     let notice = if join {
         s.join(topic.clone());
         format!("New Joiner {} to topic {}", s.id, topic)
     } else {
         format!("{} has left {}", s.id, topic)
     };
+    let mut left = false;
     {
         let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get_mut(&s.id) {
             c.last_active_ms = envelope::now_ms();
             if join {
+                rooms.joined(&topic, &c.topics);
                 c.topics.insert(topic.clone());
             } else {
-                c.topics.remove(&topic);
+                left = c.topics.remove(&topic);
             }
         }
     }
@@ -356,9 +416,16 @@ fn on_subscription(
         date: Field::Num(envelope::now_ms()),
         payload: Some(&payload),
     };
-    deliver_held(bridge, io, "", &topic, &env);
+    deliver_held(bridge, &rooms, io, "", &topic, &env);
     if !join {
-        s.leave(topic);
+        // Counted out only now: the leaver gets its own notice.
+        s.leave(topic.clone());
+        if left {
+            let clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = clients.get(&s.id) {
+                rooms.left(&topic, &c.topics);
+            }
+        }
     }
     drop(rooms);
     bridge.membership_changed();
@@ -377,7 +444,7 @@ fn on_publish(
     if binary {
         return refuse(bridge, s, "publish", Reject::BinaryPayload, "", ack);
     }
-    let p = match envelope::first_arg(text).and_then(envelope::parse_publish) {
+    let p = match envelope::parse_publish_event(text) {
         Ok(p) => p,
         Err(r) => return refuse(bridge, s, "publish", r, "", ack),
     };
@@ -697,27 +764,36 @@ pub fn deliver(
     topic: &str,
     env: &EnvelopeOut<'_>,
 ) -> usize {
-    let _rooms = bridge.rooms.lock().unwrap_or_else(|e| e.into_inner());
-    deliver_held(bridge, io, route, topic, env)
+    let rooms = lock(&bridge.rooms);
+    deliver_held(bridge, &rooms, io, route, topic, env)
 }
 
 /// `deliver`, for a caller that holds `Bridge::rooms`.
 fn deliver_held(
     bridge: &Bridge,
+    rooms: &RoomCounts,
     io: &SocketIo,
     route: &str,
     topic: &str,
     env: &EnvelopeOut<'_>,
 ) -> usize {
-    let rooms = [topic.to_string(), CATCH_ALL.to_string()];
-    let sockets = io.within(rooms.clone()).sockets();
-    if sockets.is_empty() {
+    let recipients = rooms.recipients(topic);
+    let catch_all = rooms.members(CATCH_ALL) > 0;
+    if recipients == 0 {
         return 0;
     }
+    let to = || {
+        let to = io.within(topic.to_string());
+        if catch_all && topic != CATCH_ALL {
+            to.within(CATCH_ALL)
+        } else {
+            to
+        }
+    };
     if bridge.clients_overflowing() {
-        return emit_each(bridge, sockets, route, topic, env);
+        return emit_each(bridge, to().sockets(), route, topic, env);
     }
-    let (full, closed) = match io.within(rooms).emit("publish", env).now_or_never() {
+    let (full, closed) = match to().emit("publish", env).now_or_never() {
         Some(Ok(())) => (0, 0),
         Some(Err(BroadcastError::Socket(errors))) => {
             let full = errors
@@ -728,20 +804,24 @@ fn deliver_held(
         }
         Some(Err(e)) => {
             tracing::error!(%topic, "could not broadcast a message: {e}");
-            (0, sockets.len())
+            (0, recipients)
         }
         // The local adapter completes at once; another adapter would not.
         None => {
             tracing::error!(%topic, "the Socket.IO adapter did not complete a broadcast at once");
-            (0, sockets.len())
+            (0, recipients)
         }
     };
     if full > 0 {
         bridge.note_overflow(OVERFLOW_MODE_MS);
         telemetry::dropped(route, TO_SOCKETIO, "client_buffer_full", full as u64);
-        name_full_clients(bridge, &sockets, topic, full);
+        name_full_clients(bridge, &to().sockets(), topic, full);
     }
-    sockets.len().saturating_sub(full + closed)
+    recipients.saturating_sub(full + closed)
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Finds the `full` sockets a broadcast could not queue for and counts the
@@ -796,9 +876,6 @@ fn client_missed(bridge: &Bridge, s: &SocketRef, topic: &str) {
         ),
     );
 }
-
-/// The catch-all room: its members get every message.
-const CATCH_ALL: &str = "/*";
 
 /// How long the bridge emits socket by socket after a client's buffer
 /// overflowed, so that each further miss is counted for its client.
@@ -960,4 +1037,47 @@ pub fn clients_by_transport(io: &SocketIo) -> (usize, usize) {
         }
     }
     (polling, websocket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[test]
+    fn the_request_head_lets_go_of_the_read_buffer() {
+        let head =
+            Bytes::from_static(b"/socket.io/?EIO=4&transport=websocketnode-XMLHttpRequestsecret");
+        let buffer = Bytes::from(head.to_vec());
+        let uri = Uri::from_maybe_shared(buffer.slice(0..37)).unwrap();
+        let mut req = Request::builder()
+            .uri(uri.clone())
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let agent = HeaderValue::from_maybe_shared(buffer.slice(37..56)).unwrap();
+        let mut secret = HeaderValue::from_maybe_shared(buffer.slice(56..)).unwrap();
+        secret.set_sensitive(true);
+        req.headers_mut().append(header::USER_AGENT, agent.clone());
+        req.headers_mut().append(header::COOKIE, secret.clone());
+        req.headers_mut().append(header::COOKIE, agent.clone());
+        req.extensions_mut().insert(OriginalUri(uri.clone()));
+        drop((agent, secret));
+
+        detach_from_read_buffer(&mut req);
+        drop(uri);
+
+        assert!(buffer.is_unique(), "something still holds the read buffer");
+        assert_eq!(req.uri(), "/socket.io/?EIO=4&transport=websocket");
+        assert_eq!(
+            req.extensions()
+                .get::<OriginalUri>()
+                .map(|u| u.0.to_string()),
+            Some("/socket.io/?EIO=4&transport=websocket".to_string())
+        );
+        assert_eq!(req.headers()[header::USER_AGENT], "node-XMLHttpRequest");
+        let cookies: Vec<_> = req.headers().get_all(header::COOKIE).iter().collect();
+        assert_eq!(cookies, ["secret", "node-XMLHttpRequest"]);
+        assert!(cookies[0].is_sensitive());
+        assert!(!cookies[1].is_sensitive());
+    }
 }

@@ -452,6 +452,75 @@ fn dockerfile_builds_the_console_and_the_binary_and_runs_unprivileged() {
     }
 }
 
+/// The build stage's context, assembled as Docker would from its `COPY`
+/// lines (into its WORKDIR), is a complete Cargo workspace: every member the
+/// root manifest names is there, so `cargo build` in the image can load it.
+#[test]
+fn dockerfile_build_stage_copies_the_whole_cargo_workspace() {
+    let text = std::fs::read_to_string(root().join("compose/Dockerfile")).unwrap();
+    let steps = instructions(&text);
+    let start = steps
+        .iter()
+        .position(|(k, r)| k == "FROM" && r.ends_with(" AS build"))
+        .expect("a build stage");
+    let end = steps[start + 1..]
+        .iter()
+        .position(|(k, _)| k == "FROM")
+        .map_or(steps.len(), |i| start + 1 + i);
+    let dir = scratch();
+    let mut workdir = dir.path().to_path_buf();
+    for (k, r) in &steps[start..end] {
+        if k == "WORKDIR" {
+            workdir = dir.path().join(r.trim_start_matches('/'));
+            std::fs::create_dir_all(&workdir).unwrap();
+        }
+        if k != "COPY" || r.starts_with("--from") {
+            continue;
+        }
+        let parts: Vec<&str> = r.split_whitespace().collect();
+        let (dest, sources) = parts.split_last().unwrap();
+        for src in sources {
+            let from = root().join(src);
+            let into_dir = dest.ends_with('/') || sources.len() > 1 || from.is_dir();
+            let to = match (into_dir, from.is_dir()) {
+                (_, true) => workdir.join(dest),
+                (true, false) => workdir.join(dest).join(from.file_name().unwrap()),
+                (false, false) => workdir.join(dest),
+            };
+            copy_tree(&from, &to);
+        }
+    }
+    let out = Command::new("cargo")
+        .args([
+            "metadata",
+            "--no-deps",
+            "--offline",
+            "--format-version",
+            "1",
+        ])
+        .current_dir(&workdir)
+        .output()
+        .expect("cargo");
+    assert!(
+        out.status.success(),
+        "the image's build stage cannot load the Cargo workspace: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `cp -r from to`: a file, or a directory's contents into `to`.
+fn copy_tree(from: &Path, to: &Path) {
+    if from.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap().flatten() {
+            copy_tree(&e.path(), &to.join(e.file_name()));
+        }
+    } else {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap();
+    }
+}
+
 // ------------------------------------------------------------------ nats-server.conf
 
 #[test]

@@ -328,3 +328,116 @@ fn attach_headers_and_token_never_logged() {
     assert_eq!(code, 0, "{out}{err}");
     assert_clean("check-config", &format!("{out}{err}"), &secrets);
 }
+
+/// A secret in the environment is taken exactly as written, whatever it
+/// looks like (a number with a leading zero, `true`), and is used: the
+/// bridge logs in with it.
+#[test]
+fn secrets_that_look_like_numbers_are_taken_as_written() {
+    let (user, password) = ("1001", "0739184025");
+    let dir = scratch();
+    let conf = write(
+        dir.path(),
+        "nats.conf",
+        &format!("authorization {{ users: [ {{ user: \"{user}\", password: \"{password}\" }} ] }}"),
+    );
+    let nats = Nats::start_with(&["-c", conf.to_str().unwrap()]);
+    let env = vec![
+        ("TRADEFEED_BRIDGE_NATS__USER", user.to_string()),
+        ("TRADEFEED_BRIDGE_NATS__PASSWORD", password.to_string()),
+    ];
+    let mut bridge = Bridge::start_opts(
+        &nats,
+        BridgeOpts {
+            env: env.clone(),
+            ..Default::default()
+        },
+    );
+    bridge.proc.terminate(Duration::from_secs(15));
+    assert_clean(
+        "the bridge's output",
+        &bridge.log(),
+        &[password, "739184025"],
+    );
+
+    // (`true` is also in the printed configuration, as other keys' value)
+    for (key, value, shown) in [
+        ("TRADEFEED_BRIDGE_NATS__TOKEN", "0739184025", "739184025"),
+        ("TRADEFEED_BRIDGE_NATS__TOKEN", "true", "token = true"),
+        ("TRADEFEED_BRIDGE_ATTACH__AUTH_TOKEN", "4.5031", "4.503"),
+        (
+            "TRADEFEED_BRIDGE_ATTACH__HEADERS__X_API_KEY",
+            "0739184025",
+            "739184025",
+        ),
+    ] {
+        let (code, out, err) = bridge_cli(
+            &["--config", "config/traderx.toml", "check-config", "--show"],
+            &[(key, value)],
+        );
+        assert_eq!(code, 0, "{key}={value}: {out}{err}");
+        assert_clean(key, &format!("{out}{err}"), &[shown]);
+        assert!(out.contains(" = \"***\""), "{key}: {out}");
+    }
+}
+
+/// A configuration problem on a secret names the key and never shows the
+/// value: a secret of the wrong type, in the file or the environment, and a
+/// file that does not parse on a secret's line.
+#[test]
+fn configuration_problems_never_show_a_secret() {
+    let dir = scratch();
+    let traderx = std::fs::read_to_string(root().join("config/traderx.toml")).unwrap();
+    let with_nats = |lines: &str| traderx.replacen("[nats]\n", &format!("[nats]\n{lines}\n"), 1);
+    // what, the file, the environment, the secret, the key the problem names
+    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "a number in the file",
+            with_nats("user = \"bridge\"\npassword = 99887766"),
+            vec![],
+            "99887766",
+            "nats.password",
+        ),
+        (
+            "an unterminated string in the file",
+            with_nats("token = \"Hunter2Secret"),
+            vec![],
+            "Hunter2Secret",
+            "line ",
+        ),
+        (
+            "a bare word in the file",
+            with_nats("token = Hunter2Secret"),
+            vec![],
+            "Hunter2Secret",
+            "line ",
+        ),
+        (
+            "a header of the wrong type in the file",
+            format!("{traderx}\n[attach.headers]\nX-Api-Key = 55501234\n"),
+            vec![],
+            "55501234",
+            "attach.headers.X-Api-Key",
+        ),
+        (
+            "a header of the wrong type in the environment",
+            traderx.clone(),
+            vec![("TRADEFEED_BRIDGE_ATTACH__HEADERS", "{X-Api-Key=55501234}")],
+            "55501234",
+            "attach.headers.X-Api-Key",
+        ),
+    ];
+    for (what, text, env, secret, key) in cases {
+        let file = write(dir.path(), "case.toml", &text);
+        let (code, out, err) =
+            bridge_cli(&["--config", file.to_str().unwrap(), "check-config"], &env);
+        assert_eq!(code, 2, "{what}: {out}{err}");
+        assert!(err.contains(key), "{what}: the problem names {key}: {err}");
+        assert_clean(what, &format!("{out}{err}"), &[secret]);
+        // and the same at start-up
+        let (code, out, err) = bridge_cli(&["--config", file.to_str().unwrap()], &env);
+        assert_eq!(code, 2, "{what}: {out}{err}");
+        assert_clean(what, &format!("{out}{err}"), &[secret]);
+    }
+}

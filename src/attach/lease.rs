@@ -139,10 +139,26 @@ async fn get_or_create(
     Ok(kv)
 }
 
-/// The key for a trade-feed: its URL and path, with every character a key
-/// may not hold replaced.
+/// The key for a trade-feed: the endpoint the bridge connects to (URL and
+/// path joined as the connection joins them), normalised as a URL (scheme
+/// and host in lower case, no default port, no credentials, no trailing
+/// slash) so that every spelling of one trade-feed shares one lease, with
+/// every character a key may not hold replaced.
 fn lease_key(url: &str, path: &str) -> String {
-    format!("{url}{path}")
+    let joined = format!(
+        "{}{}",
+        url.trim_end_matches('/'),
+        path.trim_end_matches('/')
+    );
+    let endpoint = match url::Url::parse(&joined) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.as_str().trim_end_matches('/').to_string()
+        }
+        Err(_) => joined,
+    };
+    endpoint
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
@@ -356,5 +372,40 @@ mod tests {
         assert!(k
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+    }
+
+    /// Spellings of one trade-feed endpoint share one lease, or two bridges
+    /// would both mirror it and double every message.
+    #[test]
+    fn one_trade_feed_has_one_lease_key_however_it_is_spelt() {
+        let key = lease_key("http://trade-feed:18086", "/socket.io");
+        for (url, path) in [
+            ("http://trade-feed:18086/", "/socket.io"),
+            ("http://trade-feed:18086", "/socket.io/"),
+            ("http://trade-feed:18086//", "/socket.io//"),
+            ("HTTP://Trade-Feed:18086", "/socket.io"),
+            ("http://bridge:s3cret@trade-feed:18086", "/socket.io"),
+        ] {
+            assert_eq!(lease_key(url, path), key, "{url} {path}");
+        }
+        assert_eq!(
+            lease_key("http://trade-feed:80", "/socket.io"),
+            lease_key("http://trade-feed", "/socket.io")
+        );
+        assert_eq!(
+            lease_key("https://trade-feed:443/", "/socket.io"),
+            lease_key("https://trade-feed", "/socket.io")
+        );
+        for (url, path) in [
+            ("http://trade-feed:18087", "/socket.io"),
+            ("http://other-feed:18086", "/socket.io"),
+            ("http://trade-feed:18086", "/trade-feed"),
+            ("https://trade-feed:18086", "/socket.io"),
+        ] {
+            assert_ne!(lease_key(url, path), key, "{url} {path}");
+        }
+        assert!(
+            !lease_key("http://bridge:s3cret@trade-feed:18086", "/socket.io").contains("s3cret")
+        );
     }
 }

@@ -84,10 +84,10 @@ function doIterate(c) {
   let failed = 0;
   const mine = (env, i) => env && env.from !== 'System' && env.payload && env.payload.i === i &&
     Object.keys(base).every((k) => env.payload[k] === base[k]);
-  function start(i) {
+  function start(i, retried) {
     running++;
     const t0 = Date.now();
-    const rec = { ev: 'iteration', i };
+    const rec = retried || { ev: 'iteration', i };
     const ack = wantAck(i);
     let joined = false;
     let acked = !ack;
@@ -113,7 +113,27 @@ function doIterate(c) {
       rec.connectMs = Date.now() - t0;
       rec.transport = s.io.engine.transport.name;
     });
-    s.on('connect_error', (err) => finish(`connect_error: ${err && err.message || err}`));
+    s.on('connect_error', (err) => {
+      // A transport that failed below HTTP before the Engine.IO handshake
+      // (status 0: a reused keep-alive connection reset, for example) never
+      // reached the server, and the emits are still buffered: a new
+      // connection is tried, at most twice, and the retry is reported.
+      // An HTTP error status from the server is a failure.
+      const status = err && err.description;
+      if (!rec.id && !(typeof status === 'number' && status > 0) && (rec.retries || 0) < 2) {
+        rec.retries = (rec.retries || 0) + 1;
+        rec.retryReason = `${err && err.message || err} (${status && status.code || status})`;
+        finished = true;
+        clearTimeout(timer);
+        s.off();
+        s.disconnect();
+        running--;
+        start(i, rec);
+        return;
+      }
+      const detail = typeof status === 'number' ? `, HTTP ${status}` : '';
+      finish(`connect_error: ${err && err.message || err}${detail}`);
+    });
     s.on('disconnect', (reason) => finish(`disconnected: ${reason}`));
     s.on('publish', (env) => {
       if (env && env.from === 'System' && env.payload && s.id &&
