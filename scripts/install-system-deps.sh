@@ -2,7 +2,8 @@
 # Installs what the bridge and its tests need from outside the repository:
 # Debian packages (OpenSSL headers for rust_socketio's native-tls, nginx for
 # the ingress tests, Chromium for the browser tests, the openssl tool for
-# their self-signed certificates) and a current nats-server built from the Go module
+# their self-signed certificates, curl and jq for the runbook's commands) and a
+# current nats-server built from the Go module
 # proxy into .tools/bin (Debian's nats-server is 2.9; TraderX targets 2.14).
 # Idempotent; runs from any working directory.
 set -euo pipefail
@@ -17,6 +18,7 @@ command -v pkg-config >/dev/null 2>&1 || need_apt+=(pkg-config)
 [[ -f /usr/include/openssl/ssl.h ]] || need_apt+=(libssl-dev)
 command -v nginx >/dev/null 2>&1 || [[ -x /usr/sbin/nginx ]] || need_apt+=(nginx)
 command -v curl >/dev/null 2>&1 || need_apt+=(curl)
+command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 [[ -x /usr/bin/chromium ]] || need_apt+=(chromium)
 command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
 if ((${#need_apt[@]})); then

@@ -12,8 +12,9 @@ usage() {
   cat <<'EOF'
 Usage: scripts/smoke.sh [--mode server|attach] [--stage introduce|producer|processor|browser]
                         [--service legacy|nats] [--processor legacy|nats] [--ui legacy|nats]
-                        [--orders N] [--rate N] [--config FILE] [--subjects spec|verbatim]
+                        [--orders N] [--rate N] [--accounts ID,ID...] [--config FILE] [--subjects spec|verbatim]
                         [--bridge-url URL | --trade-feed-url URL] [--admin-url URL] [--nats-url URL]
+                        [--ui-nats-url URL]
                         [--legacy-path PATH] [--skip-counters] [--timeout SECONDS]
 
 Runs a short flow of trade orders through the bridge with three simulators
@@ -38,6 +39,9 @@ Options:
                          legacy participants connect to trade-feed.
   --orders N             orders to publish (default 200)
   --rate N               orders per second (default 200)
+  --accounts ID,...      the accounts the orders are for, one screen each (default the
+                         simulator accounts 22214,52355,62654,10031, which are TraderX
+                         sample accounts: against a deployment, give ids no real screen shows)
   --timeout SECONDS      how long the flow may take to complete (default 30)
   --subjects spec|verbatim  the NATS subject map the simulators use: the state 006
                          map (trades.new, positions.account.<id>.updated; default) or the
@@ -57,16 +61,20 @@ nothing is started.
   --trade-feed-url URL   attach mode: trade-feed's Socket.IO URL
   --admin-url URL        the bridge's admin URL (http://host:18097)
   --nats-url URL         the NATS URL (nats://host:4222)
+  --ui-nats-url URL      where the UI screens reach NATS, if not at --nats-url: the
+                         browsers' path, e.g. ws://ingress:8080/nats-ws (nats.ws over
+                         WebSocket through the ingress)
   --legacy-path PATH     Socket.IO path (default /socket.io; /trade-feed through TraderX's ingress)
   --skip-counters        do not compare counters (the bridge carries other traffic)
   Counters are compared as differences over the run. In attach mode the stage's
   processor bus must match the bridge's declaration (attach.legacy_consumers or
-  PUT /api/attach/legacy-consumers/trade-orders); the smoke checks it and does
+  PUT /api/legacy-consumers/trade-orders); the smoke checks it and does
   not change it.
-  The smoke's orders are real orders on the fixed simulator accounts (22214,
-  52355, 62654, 10031): a real trade-processor in the queue group or on /trades
-  competes for them (the smoke then reports them lost) and real screens of those
-  accounts show them. Gate a stage where no real processor consumes.
+  The smoke's orders are real orders: a real trade-processor in the queue group
+  or on /trades competes for them (the smoke then reports them lost, and that
+  processor books them), and real screens of their accounts show them. Gate a
+  stage while no real trade-service or trade-processor runs, with --accounts
+  that no real screen shows (docs/migration/runbook.md).
 
 Examples:
   scripts/smoke.sh --stage processor
@@ -78,9 +86,9 @@ EOF
 
 die() { printf 'smoke: %s\n' "$*" >&2; exit 2; }
 
-mode=server stage=introduce service="" processor="" ui="" orders=200 rate=200 timeout=30
+mode=server stage=introduce service="" processor="" ui="" orders=200 rate=200 timeout=30 accounts=""
 config="$ROOT/config/traderx.toml" subjects="" legacy_path=/socket.io skip_counters=""
-bridge_url="" trade_feed_url="" admin_url="" nats_url=""
+bridge_url="" trade_feed_url="" admin_url="" nats_url="" ui_nats_url=""
 while (($#)); do
   opt="$1"
   case "$opt" in
@@ -98,6 +106,7 @@ while (($#)); do
     --orders) orders="$val" ;;
     --rate) rate="$val" ;;
     --timeout) timeout="$val" ;;
+    --accounts) accounts="$val" ;;
     --config) config="$val" ;;
     --subjects) subjects="$val" ;;
     --legacy-path) legacy_path="$val" ;;
@@ -105,6 +114,7 @@ while (($#)); do
     --trade-feed-url) trade_feed_url="$val" ;;
     --admin-url) admin_url="$val" ;;
     --nats-url) nats_url="$val" ;;
+    --ui-nats-url) ui_nats_url="$val" ;;
     *) die "unknown option $opt (see --help)" ;;
   esac
   shift 2
@@ -125,6 +135,10 @@ done
 [[ "$orders" =~ ^[1-9][0-9]*$ ]] || die "--orders must be a positive integer"
 [[ "$rate" =~ ^[1-9][0-9]*$ ]] || die "--rate must be a positive integer"
 [[ "$timeout" =~ ^[1-9][0-9]*$ ]] || die "--timeout must be a positive number of seconds"
+[[ -z "$ui_nats_url" || "$ui_nats_url" =~ ^(nats|tls|ws|wss)://[^[:space:]]+$ ]] ||
+  die "--ui-nats-url must be a nats://, tls://, ws:// or wss:// URL"
+[[ -z "$accounts" || "$accounts" =~ ^[0-9]{1,15}(,[0-9]{1,15})*$ ]] ||
+  die "--accounts must be account ids (digits), comma separated"
 if [[ -z "$subjects" ]]; then
   case "$(basename "$config")" in *verbatim*) subjects=verbatim ;; *) subjects=spec ;; esac
 fi
@@ -144,7 +158,8 @@ fi
 smoke() {
   node "$ROOT/sim/smoke.js" --stage "$stage" --mode "$mode" --service "$service" --processor "$processor" \
     --ui "$ui" --orders "$orders" --rate "$rate" --timeout "$timeout" --subjects "$subjects" \
-    --legacy-path "$legacy_path" ${skip_counters:+--skip-counters} "$@"
+    --legacy-path "$legacy_path" ${skip_counters:+--skip-counters} ${accounts:+--accounts "$accounts"} \
+    ${ui_nats_url:+--ui-nats-url "$ui_nats_url"} "$@"
 }
 
 # ---------------------------------------------------------------- against a running deployment

@@ -23,8 +23,10 @@ const spec = {
   'legacy-url': { help: 'Socket.IO URL legacy clients use (server mode: the bridge; attach mode: trade-feed)' },
   'legacy-path': { default: '/socket.io', help: 'Socket.IO path' },
   'nats-url': { help: 'NATS URL' },
+  'ui-nats-url': { help: "the UI screens' NATS URL (default --nats-url), e.g. ws://ingress/nats-ws as browsers use" },
   'admin-url': { help: "the bridge's admin URL" },
   subjects: { default: 'spec', help: 'subject map: spec or verbatim' },
+  accounts: { default: c.ACCOUNTS.join(','), help: 'accounts the orders are for, comma separated (one screen each)' },
   'skip-counters': { flag: true, help: "do not compare the bridge's counters (a bridge carrying other traffic)" },
   timeout: { default: '30', help: 'seconds to wait for the flow to complete' },
 };
@@ -48,6 +50,10 @@ async function main() {
   const orders = Number(o.orders);
   if (!Number.isInteger(orders) || orders < 1) fail('--orders must be a positive integer');
   for (const k of ['legacy-url', 'nats-url', 'admin-url']) if (!o[k]) fail(`--${k} is required`);
+  const accounts = String(o.accounts).split(',').map((a) => a.trim());
+  if (!accounts.length || accounts.some((a) => !/^[0-9]{1,15}$/.test(a))) {
+    fail('--accounts must be account ids (digits), comma separated');
+  }
   const timeout = Number(o.timeout) * 1000;
   const base = { legacyUrl: o['legacy-url'], legacyPath: o['legacy-path'], natsUrl: o['nats-url'], subjectMap: o.subjects };
   const admin = o['admin-url'];
@@ -65,9 +71,9 @@ async function main() {
     fail(`cannot read the bridge's metrics at ${admin}: ${e.message}`);
   }
   const runId = `SMOKE-${Date.now().toString(36)}`;
-  const ui = new Ui(base);
+  const ui = new Ui({ ...base, natsUrl: o['ui-nats-url'] || base.natsUrl, accounts: accounts.map(Number) });
   const p = new TradeProcessor({ ...base, adminUrl: admin, mode: o.mode });
-  const s = new TradeService({ ...base, runId });
+  const s = new TradeService({ ...base, runId, accounts: accounts.map(Number) });
   const t0 = Date.now();
   let problems = [];
   let facts = {};
@@ -77,13 +83,20 @@ async function main() {
     const legacyProcessor = o.processor === 'legacy';
     if (o.mode === 'server') {
       // The bridge joins the queue group for its /trades room by itself.
-      if (legacyProcessor) await c.waitQueueMember(admin, route, true);
+      if (legacyProcessor) {
+        try {
+          await c.waitQueueMember(admin, route, true);
+        } catch (e) {
+          throw new Error(`${e.message}: is ${route} declared without legacy consumers? ` +
+            `(PUT ${admin}/api/legacy-consumers/${route} with true)`);
+        }
+      }
     } else {
       const member = c.metricValue(await metrics(), 'tradefeed_bridge_queue_member', { route }) === 1;
       if (member !== legacyProcessor) {
         throw new Error(`the bridge is declared with legacy consumers ${member ? 'present' : 'absent'} for ${route}, ` +
           `but this stage runs the processor on ${o.processor}: declare it first (attach.legacy_consumers or ` +
-          `PUT ${admin}/api/attach/legacy-consumers/${route} with ${legacyProcessor})`);
+          `PUT ${admin}/api/legacy-consumers/${route} with ${legacyProcessor})`);
       }
     }
     await s.start(o.service);

@@ -17,5 +17,6 @@ main('trade-service', sim, o, (b) => sim.start(b), {
   start: (cmd) => sim.start(bus(cmd.bus)),
   run: (cmd) => sim.run({ count: cmd.count, rate: cmd.rate, switchAt: cmd.switch_at || [] }),
   switch: (cmd) => sim.switchTo(bus(cmd.to)),
+  stop: () => sim.stop(),
   settle: () => sim.settle(),
 });

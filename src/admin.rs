@@ -28,6 +28,10 @@ pub fn router(bridge: Arc<Bridge>, prometheus: PrometheusHandle) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/census", get(census))
         .route(
+            "/api/legacy-consumers/{route}",
+            axum::routing::put(set_legacy_consumers),
+        )
+        .route(
             "/api/attach/legacy-consumers/{route}",
             axum::routing::put(set_legacy_consumers),
         )
@@ -38,21 +42,16 @@ pub fn router(bridge: Arc<Bridge>, prometheus: PrometheusHandle) -> Router {
         .merge(crate::console::router(bridge))
 }
 
-/// Attach mode: declares whether a point-to-point route's consumers are still
-/// on trade-feed (body `true` or `false`).
+/// Declares whether a point-to-point route's consumers are still on the
+/// legacy side (body `true` or `false`): in attach mode, trade-feed's room;
+/// in server mode, the bridge's own room (`false` drains it: the bridge
+/// leaves the queue group although the room has members).
 async fn set_legacy_consumers(
     State(a): State<Admin>,
     axum::extract::Path(route): axum::extract::Path<String>,
     Json(present): Json<bool>,
 ) -> Response {
-    let Some(attach) = a.bridge.attach() else {
-        return (
-            StatusCode::CONFLICT,
-            Json(json!({"error": "only in attach mode"})),
-        )
-            .into_response();
-    };
-    if attach.set_legacy_consumers(&route, present) {
+    if a.bridge.set_legacy_consumers(&route, present) {
         Json(json!({"route": route, "legacy_consumers": present})).into_response()
     } else {
         (

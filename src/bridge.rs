@@ -187,6 +187,10 @@ pub struct Bridge {
     /// listing them. Taken before `clients` wherever both are.
     pub rooms: Mutex<RoomCounts>,
     attach: OnceLock<Arc<crate::attach::Attach>>,
+    /// Server mode, per route: whether the legacy room of a point-to-point
+    /// route still takes part in its queue group (true unless an operator
+    /// declared otherwise to drain a legacy consumer that cannot drain itself).
+    legacy_consumers: Vec<AtomicBool>,
     /// Woken when the NATS connection is (re-)established.
     pub nats_up: tokio::sync::Notify,
 }
@@ -210,6 +214,11 @@ impl Bridge {
             .routes()
             .iter()
             .map(|_| RouteActivity::default())
+            .collect();
+        let legacy_consumers = routes
+            .routes()
+            .iter()
+            .map(|_| AtomicBool::new(true))
             .collect();
         Arc::new(Bridge {
             max_nats_bytes: AtomicUsize::new(config.nats.max_message_bytes),
@@ -235,6 +244,7 @@ impl Bridge {
             membership: tokio::sync::watch::channel(0).0,
             rooms: Mutex::new(RoomCounts::default()),
             attach: OnceLock::new(),
+            legacy_consumers,
             nats_up: tokio::sync::Notify::new(),
         })
     }
@@ -266,6 +276,34 @@ impl Bridge {
     pub fn note_overflow(&self, for_ms: u64) {
         self.overflow_until_ms
             .store(envelope::now_ms() + for_ms, Ordering::Relaxed);
+    }
+
+    /// Server mode: whether a point-to-point route's legacy room may take
+    /// messages from its queue group (see [`Bridge::set_legacy_consumers`]).
+    pub fn legacy_consumers(&self, route: usize) -> bool {
+        self.legacy_consumers[route].load(Ordering::Relaxed)
+    }
+
+    /// Declares whether a point-to-point route's consumers are still on the
+    /// legacy side; `false` when no such route exists. In attach mode this
+    /// is trade-feed's room (see `attach`); in server mode `false` makes the
+    /// bridge leave the queue group although its room has members, handing
+    /// them what it had already taken: a legacy consumer that cannot
+    /// unsubscribe and wait for its own leave notice (TraderX's Java
+    /// subscriber) is drained this way, then stopped.
+    pub fn set_legacy_consumers(&self, route_name: &str, present: bool) -> bool {
+        if let Some(attach) = self.attach() {
+            return attach.set_legacy_consumers(route_name, present);
+        }
+        let Some(r) = self.routes.queue_routes().find(|r| r.name == route_name) else {
+            return false;
+        };
+        let before = self.legacy_consumers[r.index].swap(present, Ordering::Relaxed);
+        if before != present {
+            tracing::info!(route = %route_name, present, "legacy consumers declared");
+            self.membership_changed();
+        }
+        true
     }
 
     pub fn membership_changed(&self) {

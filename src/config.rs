@@ -112,7 +112,7 @@ pub struct AttachConfig {
     /// Point-to-point routes (by name) whose consumers are still on
     /// trade-feed. trade-feed does not tell a client who is in a room, so the
     /// operator says it; routes not listed count as having legacy consumers.
-    /// Changed at run time with `PUT /api/attach/legacy-consumers/<route>`.
+    /// Changed at run time with `PUT /api/legacy-consumers/<route>`.
     pub legacy_consumers: std::collections::BTreeMap<String, bool>,
     /// How the bridge talks to trade-feed.
     pub transport: AttachTransport,

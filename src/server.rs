@@ -536,7 +536,10 @@ fn is_queue(bridge: &Bridge, mapped: &Option<crate::route::Mapped>) -> bool {
 /// Exactly once, also while consumers come and go:
 /// - The bridge joins the group when the room gets its first member
 ///   (`tradefeed_bridge_queue_member{route}` turns 1 once the server knows)
-///   and leaves it when the room is empty.
+///   and leaves it when the room is empty, or when an operator declares the
+///   route without legacy consumers (`PUT /api/legacy-consumers/<route>`
+///   `false`, to drain a legacy consumer that cannot drain itself): what the
+///   bridge already took still goes to the room, and nothing more.
 /// - Leaving drains the subscription: the server stops choosing the bridge,
 ///   and the messages already on their way still arrive. Those, and any
 ///   message that finds the room empty, are given back to the group (once,
@@ -563,7 +566,8 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
         let members = bridge
             .io()
             .map_or(0, |io| io.within(topic.clone()).sockets().len());
-        let want = members > 0 && !bridge.shutting_down.load(Ordering::Relaxed);
+        let declared = bridge.legacy_consumers(route);
+        let want = members > 0 && declared && !bridge.shutting_down.load(Ordering::Relaxed);
         if want && sub.is_none() {
             match qclient
                 .queue_subscribe(subject.clone(), group.clone())
@@ -582,7 +586,11 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
             if let Some(s) = sub.take() {
                 leave_queue_group(&bridge, &qclient, route, s, None).await;
                 member.set(0.0);
-                tracing::info!(%subject, %group, "left the queue group: no legacy consumer");
+                if members > 0 && !declared {
+                    tracing::info!(%subject, %group, members, "left the queue group: declared without legacy consumers");
+                } else {
+                    tracing::info!(%subject, %group, "left the queue group: no legacy consumer");
+                }
             }
         }
         tokio::select! {

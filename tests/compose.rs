@@ -81,12 +81,12 @@ fn interpolate_str(s: &str, env: &[(&str, &str)]) -> Result<String, String> {
     Ok(out)
 }
 
-/// The overlay as compose reads it, with TRADEFEED_BRIDGE_DIR set to this
+/// The overlay as compose reads it, with TFB_DIR set to this
 /// checkout.
 fn overlay() -> Value {
     let root = root().display().to_string();
     let raw = yaml(&common::root().join(OVERLAY));
-    interpolate(&raw, &[("TRADEFEED_BRIDGE_DIR", root.as_str())]).unwrap()
+    interpolate(&raw, &[("TFB_DIR", root.as_str())]).unwrap()
 }
 
 fn strings(v: &Value) -> Vec<String> {
@@ -122,7 +122,7 @@ fn overlay_needs_the_checkout_path_and_says_so() {
     let raw = yaml(&root().join(OVERLAY));
     let err = interpolate(&raw, &[]).unwrap_err();
     assert!(
-        err.contains("TRADEFEED_BRIDGE_DIR") && err.contains("tradefeed-bridge checkout"),
+        err.contains("TFB_DIR") && err.contains("tradefeed-bridge checkout"),
         "{err}"
     );
 }
@@ -565,4 +565,231 @@ fn shipped_broker_runs_with_jetstream_websocket_and_warm_pings() {
     tcp.pub_text("positions.account.22.updated", "{\"quantity\":1}");
     let m = ws.next_msg("s", WAIT);
     assert_eq!(m["data"], "{\"quantity\":1}");
+}
+
+// ------------------------------------------------------------------ every compose file, the attach overlay, the stage files
+
+/// Every compose file shipped: the two overlays and the stage files.
+fn compose_files() -> Vec<std::path::PathBuf> {
+    let mut files = vec![root().join(OVERLAY), root().join(ATTACH_OVERLAY)];
+    let mut stages: Vec<_> = std::fs::read_dir(root().join("compose/stages"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yml"))
+        .collect();
+    stages.sort();
+    assert!(stages.len() >= 3, "{stages:?}");
+    files.extend(stages);
+    files
+}
+
+const ATTACH_OVERLAY: &str = "compose/docker-compose.bridge-attach.yml";
+
+/// The `${...}` expressions of a compose file's text.
+fn variables(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        let end = rest[at..].find('}').expect("unclosed ${");
+        out.push(rest[at + 2..at + end].to_string());
+        rest = &rest[at + end + 1..];
+    }
+    out
+}
+
+/// The variables compose interpolates in these files never use the bridge's
+/// prefix: the bridge reads every `TRADEFEED_BRIDGE_*` variable of its
+/// environment as configuration and refuses unknown ones, so a shell that
+/// exported one for compose could not run `tradefeed-bridge` (or
+/// scripts/run.sh) any more. A required one says what to set.
+#[test]
+fn compose_variables_stay_out_of_the_bridges_environment() {
+    for f in compose_files() {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for expr in variables(&text) {
+            let name = expr.split([':', '-', '?']).next().unwrap();
+            assert!(
+                !name.starts_with("TRADEFEED_BRIDGE_"),
+                "{}: ${{{expr}}} would be read by the bridge as configuration",
+                f.display()
+            );
+            if let Some((_, msg)) = expr.split_once(":?") {
+                assert!(msg.starts_with("set "), "{}: {expr}", f.display());
+            }
+        }
+    }
+    // What the rule prevents, shown on the bridge itself.
+    let (code, _, err) = bridge_cli(
+        &["--config", "config/traderx.toml", "check-config"],
+        &[("TRADEFEED_BRIDGE_DIR", "/opt/tradefeed-bridge")],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("TRADEFEED_BRIDGE_DIR"), "{err}");
+    let (code, out, err) = bridge_cli(
+        &["--config", "config/traderx.toml", "check-config"],
+        &[("TFB_DIR", "/opt/tradefeed-bridge")],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+fn attach_overlay(legacy_processor: Option<&str>) -> Value {
+    let root = root().display().to_string();
+    let raw = yaml(&common::root().join(ATTACH_OVERLAY));
+    let mut env = vec![("TFB_DIR", root.as_str())];
+    if let Some(v) = legacy_processor {
+        env.push(("TFB_LEGACY_PROCESSOR", v));
+    }
+    interpolate(&raw, &env).unwrap()
+}
+
+/// Attach mode beside an untouched trade-feed: the bridge is a service of
+/// its own, trade-feed is not redefined, and the bridge accepts exactly the
+/// environment the overlay gives it, with the processor's declaration taken
+/// from TFB_LEGACY_PROCESSOR.
+#[test]
+fn attach_overlay_runs_the_bridge_beside_trade_feed() {
+    let doc = attach_overlay(None);
+    let services = doc["services"].as_object().unwrap();
+    assert!(
+        !services.contains_key("trade-feed"),
+        "trade-feed stays as it is"
+    );
+    for svc in ["trade-service", "trade-processor"] {
+        assert!(!services.contains_key(svc), "{svc} is not touched");
+    }
+    assert_eq!(
+        doc["services"]["nats-broker"],
+        overlay()["services"]["nats-broker"],
+        "the same broker as the server-mode overlay"
+    );
+    let bridge = &doc["services"]["tradefeed-bridge"];
+    assert_eq!(
+        Path::new(bridge["build"]["context"].as_str().unwrap()),
+        root()
+    );
+    assert_eq!(
+        strings(&bridge["healthcheck"]["test"]),
+        ["CMD", "/usr/local/bin/tradefeed-bridge", "probe"]
+    );
+    assert!(depends_healthy(bridge, "nats-broker"));
+    assert_eq!(strings(&bridge["ports"]), ["18097:18097"]);
+    assert!(depends_healthy(
+        &doc["services"]["ingress"],
+        "tradefeed-bridge"
+    ));
+
+    for (setting, want) in [(None, "true"), (Some("false"), "false")] {
+        let doc = attach_overlay(setting);
+        let env = doc["services"]["tradefeed-bridge"]["environment"]
+            .as_object()
+            .unwrap()
+            .clone();
+        assert_eq!(env["TRADEFEED_BRIDGE_MODE"], "attach");
+        assert_eq!(
+            env["TRADEFEED_BRIDGE_ATTACH__URL"],
+            "http://trade-feed:18086"
+        );
+        let mut cmd = Command::new(bridge_bin());
+        cmd.current_dir(root())
+            .args(["--config", "config/traderx.toml", "check-config", "--show"])
+            .env_remove("RUST_LOG");
+        for (k, v) in &env {
+            assert!(k.starts_with("TRADEFEED_BRIDGE_"), "{k}");
+            cmd.env(k, v.as_str().unwrap());
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("mode = \"attach\""), "{stdout}");
+        assert!(
+            stdout.contains(&format!("trade-orders = {want}")),
+            "{want}: {stdout}"
+        );
+    }
+}
+
+/// In attach mode the ingress still sends Socket.IO to trade-feed and the
+/// console to the bridge's own service, under the upstream names the
+/// locations use.
+#[test]
+fn attach_overlay_mounts_upstreams_for_trade_feed_and_the_bridge() {
+    let doc = attach_overlay(None);
+    let m = mounts(&doc["services"]["ingress"]);
+    let dir = nginx::ingress_dir();
+    let upstreams = dir.join("tradefeed-upstreams-attach.conf");
+    assert!(
+        m.iter()
+            .any(|(s, t)| Path::new(s) == upstreams
+                && t == "/etc/nginx/conf.d/tradefeed-upstreams.conf"),
+        "{m:?}"
+    );
+    for (s, _) in &m {
+        assert!(Path::new(s).exists(), "{s}");
+    }
+    let text = std::fs::read_to_string(&upstreams).unwrap();
+    for (name, server) in [
+        (UPSTREAM_BRIDGE, "trade-feed:18086"),
+        (UPSTREAM_ADMIN, "tradefeed-bridge:18097"),
+        (UPSTREAM_NATS_WS, "nats-broker:8081"),
+    ] {
+        let at = text
+            .find(&format!("upstream {name} {{"))
+            .unwrap_or_else(|| panic!("no upstream {name}"));
+        assert!(
+            text[at..].lines().nth(1).unwrap().trim() == format!("server {server};"),
+            "{name}: {text}"
+        );
+    }
+}
+
+/// The stage files change one TraderX service each, build it from the NATS
+/// tree, and depend only on services the overlays or TraderX's own compose
+/// file define (tests/fixtures/prune/state-005 stands for the latter).
+#[test]
+fn stage_files_build_the_nats_versions_of_traderx_services() {
+    let base = yaml(&root().join("tests/fixtures/prune/state-005/docker-compose.yml"));
+    let mut known: BTreeSet<String> = base["services"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    known.extend(overlay()["services"].as_object().unwrap().keys().cloned());
+    let env = [("TFB_DIR", "/tfb"), ("TRADERX_NATS_DIR", "/traderx-006")];
+    let mut moved = BTreeSet::new();
+    for f in compose_files().into_iter().skip(2) {
+        let raw = yaml(&f);
+        let err = interpolate(&raw, &[]).unwrap_err();
+        assert!(err.contains("TRADERX_NATS_DIR"), "{}: {err}", f.display());
+        let doc = interpolate(&raw, &env).unwrap();
+        let services = doc["services"].as_object().unwrap();
+        assert_eq!(services.len(), 1, "{}: one service per stage", f.display());
+        for (name, s) in services {
+            let context = s["build"]["context"].as_str().unwrap();
+            assert!(context.starts_with("/traderx-006/"), "{name}: {context}");
+            for dep in s["depends_on"].as_object().into_iter().flatten() {
+                assert!(known.contains(dep.0), "{name} depends on unknown {}", dep.0);
+            }
+            if let Some(e) = s["environment"].as_object() {
+                assert_eq!(e["NATS_URL"], "nats://nats-broker:4222", "{name}");
+            }
+            moved.insert(name.clone());
+        }
+    }
+    assert_eq!(
+        moved,
+        [
+            "trade-processor-nats",
+            "trade-service",
+            "web-front-end-angular"
+        ]
+        .map(String::from)
+        .into_iter()
+        .collect()
+    );
+    assert!(known.contains("trade-service") && known.contains("web-front-end-angular"));
 }

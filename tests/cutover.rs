@@ -1086,12 +1086,20 @@ fn smoke_script_documents_its_interface() {
         "--bridge-url",
         "--admin-url",
         "--nats-url",
+        "--accounts",
+        "--ui-nats-url",
     ] {
         assert!(text.contains(opt), "--help does not mention {opt}");
     }
     let (code, text) = smoke(&["--stage", "cutover"]);
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("--stage must be"), "{text}");
+    let (code, text) = smoke(&["--accounts", "22214,IBM"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--accounts must be account ids"), "{text}");
+    let (code, text) = smoke(&["--ui-nats-url", "http://ingress/nats-ws"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--ui-nats-url must be"), "{text}");
 }
 
 // ------------------------------------------------------------------ no consumer anywhere
@@ -1164,4 +1172,130 @@ fn nats_producer_retries_through_a_processor_outage() {
         "the outage left no order without a consumer"
     );
     assert!(out.retried >= out.unconsumed);
+}
+
+// ------------------------------------------------------------------ draining a legacy processor from the bridge
+
+/// Server mode, a legacy processor that cannot drain itself (TraderX's Java
+/// subscriber never unsubscribes; it just stops): with a NATS processor
+/// beside it, the operator declares the route without legacy consumers
+/// (`PUT /api/legacy-consumers/trade-orders false`), waits for
+/// `tradefeed_bridge_queue_member` to read 0, lets the legacy processor
+/// finish what it was handed, and kills it. Orders flow all along: each is
+/// booked exactly once, and none reaches the legacy room after the gauge
+/// reads 0. Declaring `true` again brings the bridge back into the group.
+#[test]
+fn server_drains_a_legacy_processor_that_cannot_drain_itself() {
+    let stage = Stage::start(Mode::Server, true);
+    let admin = stage.admin_url();
+    let legacy = stage.sim("trade-processor", "trade-processor-legacy", &[]);
+    legacy.call(json!({"cmd": "add", "bus": "legacy"}));
+    stage.wait_member(true);
+    let nats = stage.sim("trade-processor", "trade-processor-nats", &[]);
+    nats.call(json!({"cmd": "add", "bus": "nats"}));
+    let service = stage.sim("trade-service", "trade-service", &["--run-id", "D"]);
+    service.call(json!({"cmd": "start", "bus": "nats"}));
+    let run = service.send(json!({"cmd": "run", "count": 1500, "rate": 500}));
+    nats.call(json!({"cmd": "wait", "booked": 150, "timeout_ms": 20000}));
+    assert!(
+        n(&legacy.report()["booked"]) > 0,
+        "the legacy processor got no share of the orders"
+    );
+
+    assert_eq!(declare(&admin, R_ORDERS, false).0, 200);
+    stage.wait_member(false);
+    // The gauge reads 0 once the bridge handed the room all it had taken:
+    // the legacy processor gets those, then nothing more.
+    let handed = |s: &Stage| {
+        s.bridge.metric(
+            "tradefeed_bridge_messages_forwarded_total",
+            &[("route", R_ORDERS), ("direction", "to_socketio")],
+        ) as u64
+    };
+    let at_zero = handed(&stage);
+    let deadline = Instant::now() + WAIT;
+    while n(&legacy.report()["booked"]) < at_zero {
+        assert!(
+            Instant::now() < deadline,
+            "the legacy processor did not book what it was handed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let legacy_report = legacy.report();
+    let mut legacy = legacy;
+    legacy.0.kill(); // stops as the Java subscriber does: no unsubscribe, no notice
+    nats.call(json!({"cmd": "wait", "booked": 400, "timeout_ms": 20000}));
+    assert_eq!(
+        handed(&stage),
+        at_zero,
+        "orders reached the legacy room after the gauge read 0"
+    );
+
+    service.result(run, RUN_TIMEOUT);
+    let s = service.report();
+    let sent = s["orders"].as_object().unwrap().len();
+    assert_eq!(sent, 1500);
+    assert_eq!(s["unconsumed"], json!({}), "{}", s["unconsumed"]);
+    let _ = nats.try_call(
+        json!({"cmd": "wait", "booked": 1500 - n(&legacy_report["booked"]), "timeout_ms": 20000}),
+    );
+    let nats_report = nats.report();
+    let mut bookings: BTreeMap<String, usize> = BTreeMap::new();
+    for r in [&legacy_report, &nats_report] {
+        for (id, b) in r["orders"].as_object().unwrap() {
+            *bookings.entry(id.clone()).or_default() += b.as_array().unwrap().len();
+        }
+    }
+    let lost: Vec<&String> = s["orders"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|id| !bookings.contains_key(*id))
+        .collect();
+    let doubled: Vec<_> = bookings.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(
+        lost.is_empty(),
+        "{} orders lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    assert!(
+        doubled.is_empty(),
+        "orders booked more than once: {doubled:?}"
+    );
+    assert_eq!(bookings.len(), 1500);
+    assert!(stage
+        .bridge
+        .log()
+        .contains("left the queue group: declared without legacy consumers"));
+
+    // Back: a legacy consumer takes part again once declared present.
+    let again = stage.sim("trade-processor", "trade-processor-legacy-2", &[]);
+    again.call(json!({"cmd": "add", "bus": "legacy"}));
+    assert_eq!(declare(&admin, R_ORDERS, true).0, 200);
+    stage.wait_member(true);
+    // An unknown route is refused in server mode too.
+    let (status, body) = declare(&admin, "no-such-route", false);
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("no point-to-point route named no-such-route"),
+        "{body}"
+    );
+}
+
+/// `PUT /api/legacy-consumers/<route>` with `present`: (status, body).
+fn declare(admin: &str, route: &str, present: bool) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut r = agent
+        .put(format!("{admin}/api/legacy-consumers/{route}"))
+        .header("content-type", "application/json")
+        .send(present.to_string())
+        .expect("PUT");
+    (
+        r.status().as_u16(),
+        r.body_mut().read_to_string().unwrap_or_default(),
+    )
 }

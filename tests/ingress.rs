@@ -221,6 +221,7 @@ fn console_location_exposes_only_the_console() {
         "/metrics",
         "/readyz",
         "/api/attach/legacy-consumers/trade-orders",
+        "/api/legacy-consumers/trade-orders",
     ] {
         assert_eq!(http_get(&format!("{base}{path}")).0, 404, "{path}");
     }

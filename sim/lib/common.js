@@ -153,8 +153,18 @@ function legacyConnect(url, { path = '/socket.io', name = 'sim' } = {}) {
 
 // ------------------------------------------------------------------ NATS
 
+/**
+ * A NATS connection: nats (TCP) for nats:// URLs; for ws:// and wss:// URLs
+ * (a broker's WebSocket port, or the ingress path /nats-ws) nats.ws, the
+ * browsers' client, over the `ws` package, as Node 20 has no WebSocket.
+ */
 async function natsConnect(url, name) {
-  return nats.connect({ servers: url, name, maxReconnectAttempts: -1, reconnectTimeWait: 250 });
+  let lib = nats;
+  if (/^wss?:\/\//.test(url)) {
+    if (!globalThis.WebSocket) globalThis.WebSocket = require('ws');
+    lib = require('nats.ws');
+  }
+  return lib.connect({ servers: url, name, maxReconnectAttempts: -1, reconnectTimeWait: 250 });
 }
 
 const enc = new TextEncoder();
@@ -207,7 +217,7 @@ function metricValue(text, name, labels = {}) {
  * group accordingly (`tradefeed_bridge_queue_member`).
  */
 async function declareLegacyConsumers(adminUrl, route, present) {
-  const res = await fetch(`${adminUrl.replace(/\/$/, '')}/api/attach/legacy-consumers/${route}`, {
+  const res = await fetch(`${adminUrl.replace(/\/$/, '')}/api/legacy-consumers/${route}`, {
     method: 'PUT',
     headers: { 'content-type': 'application/json' },
     body: JSON.stringify(present),

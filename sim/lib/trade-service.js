@@ -8,12 +8,13 @@ const c = require('./common');
 
 class TradeService {
   /**
-   * opts: legacyUrl, legacyPath, natsUrl, subjectMap, runId, seed,
+   * opts: legacyUrl, legacyPath, natsUrl, subjectMap, runId, seed, accounts
+   * (the accounts orders are for; default the fixed set),
    * retryUnconsumed (NATS: publish again an order the server reports no
    * consumer for, which is safe because nobody got it), retryFor (ms).
    */
   constructor(opts) {
-    this.o = { legacyPath: '/socket.io', subjectMap: 'spec', runId: 'T', seed: 1, retryFor: 30000, ...opts };
+    this.o = { legacyPath: '/socket.io', subjectMap: 'spec', runId: 'T', seed: 1, retryFor: 30000, accounts: c.ACCOUNTS, ...opts };
     this.s = c.subjects(this.o.subjectMap);
     this.rand = c.rng(Number(this.o.seed));
     this.bus = null;
@@ -58,7 +59,7 @@ class TradeService {
       state: 'New',
       security: c.SECURITIES[Math.floor(r() * c.SECURITIES.length)],
       quantity: (1 + Math.floor(r() * 10)) * 10,
-      accountId: c.ACCOUNTS[Math.floor(r() * c.ACCOUNTS.length)],
+      accountId: this.o.accounts[Math.floor(r() * this.o.accounts.length)],
       side: r() < 0.5 ? 'Buy' : 'Sell',
     };
   }
@@ -114,7 +115,8 @@ class TradeService {
     const first = this.next;
     const t0 = c.now();
     const plan = [...switchAt].sort((a, b) => a.n - b.n);
-    while (this.next < first + count) {
+    this.stopping = false;
+    while (this.next < first + count && !this.stopping) {
       if (plan.length && this.next - first >= plan[0].n) {
         await this.switchTo(plan.shift().to);
         continue;
@@ -133,6 +135,12 @@ class TradeService {
     }
     await this.settle();
     return { sent: this.next - first, took_ms: Math.round(c.now() - t0) };
+  }
+
+  /** Ends the run in progress after the order being sent; the run then settles and answers. */
+  stop() {
+    this.stopping = true;
+    return {};
   }
 
   /** Waits until everything sent is with the hub / the NATS server (and retries are done). */
