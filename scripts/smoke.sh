@@ -188,8 +188,18 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# A free port from below the kernel's ephemeral range, where no outgoing
+# connection can take it before the server we start binds it; chosen at
+# random, so that smoke runs side by side rarely meet (each is checked free).
+ephemeral_low="$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)"
+(( ephemeral_low > 11000 )) || ephemeral_low=32768
 free_port() {
-  node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+  local p i
+  for i in $(seq 1 200); do
+    p=$((10000 + RANDOM % (ephemeral_low - 10000)))
+    port_open "$p" || { echo "$p"; return 0; }
+  done
+  die "no free loopback port found below $ephemeral_low"
 }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 wait_port() {

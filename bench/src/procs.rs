@@ -6,6 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -26,12 +28,29 @@ pub struct Setup {
     pub log_dir: PathBuf,
 }
 
-/// A port nobody listens on right now.
+/// A loopback port nobody listens on, for a server about to start. It comes
+/// from below the kernel's ephemeral range, where the load generator's own
+/// connections (10,000 of them in the scale case) take their local ports, so
+/// none of them can take it before the server binds it. Each is handed out
+/// once, walking from an offset of the process id, so that two runs at once
+/// (the test suite's smoke runs) rarely meet.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
+    static NEXT: OnceLock<AtomicU32> = OnceLock::new();
+    const LOW: u32 = 10_000;
+    let high = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768)
+        .clamp(LOW + 1_000, 65_536);
+    let span = high - LOW;
+    let next = NEXT.get_or_init(|| AtomicU32::new(std::process::id().wrapping_mul(7_919) % span));
+    for _ in 0..span {
+        let port = (LOW + next.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{high}");
 }
 
 /// `taskset -c CPUS PROGRAM`: taskset execs the program, so the child's pid

@@ -27,13 +27,35 @@ pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A port nobody listens on right now.
+/// A loopback port nobody listens on, for a server a test is about to start.
+///
+/// Between this call and the server binding the port, nothing else may take
+/// it. So ports come from below the kernel's ephemeral range (from which
+/// every outgoing connection, and `bind(0)`, takes its local port), and each
+/// is handed out once per test process, so tests running side by side never
+/// get the same one. The walk starts at an offset from the process id, so
+/// that two test processes running at once rarely meet.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
+    const LOW: u64 = 10_000;
+    let high = ephemeral_low().clamp(LOW + 1_000, 65_536);
+    let span = high - LOW;
+    let next = NEXT.get_or_init(|| AtomicU64::new(u64::from(std::process::id()) * 7_919 % span));
+    for _ in 0..span {
+        let port = (LOW + next.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {LOW}..{high}");
+}
+
+/// The first port of the kernel's ephemeral range (32768 if unknown).
+fn ephemeral_low() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
