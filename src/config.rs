@@ -640,10 +640,15 @@ fn key_of(path: &[String]) -> String {
 /// Where a key's value came from: ` (from environment variable X)` or
 /// ` (from TOML file F)`; empty when unknown (a default).
 fn origin(fig: &Figment, path: &[String]) -> String {
-    let var = format!("{ENV_PREFIX}{}", path.join("__").to_uppercase());
-    if !path.is_empty() && std::env::var_os(&var).is_some() {
-        return format!(" (from environment variable {var})");
+    // the variable of the key itself, or of the list or table holding it
+    // (X__SERVERS for nats.servers[0], X__HEADERS for attach.headers.Name)
+    for n in (1..=path.len()).rev() {
+        let var = format!("{ENV_PREFIX}{}", path[..n].join("__").to_uppercase());
+        if std::env::var_os(&var).is_some() {
+            return format!(" (from environment variable {var})");
+        }
     }
+    let var = format!("{ENV_PREFIX}{}", path.join("__").to_uppercase());
     // a key made of nested variables, e.g. X__PATHS__EXTRA for X__PATHS
     let mut nested: Vec<String> = std::env::vars_os()
         .filter_map(|(k, _)| k.into_string().ok())
@@ -856,18 +861,36 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         p.push(problem("nats.servers", "at least one server URL is needed"));
     }
     for (i, s) in c.nats.servers.iter().enumerate() {
-        if let Err(e) = s.parse::<async_nats::ServerAddr>() {
-            p.push(problem(format!("nats.servers[{i}]"), format!("`{s}`: {e}")));
-        } else if (s.starts_with("ws://") || s.starts_with("wss://"))
-            && s.splitn(4, '/').nth(3).is_some_and(|rest| !rest.is_empty())
-        {
-            p.push(problem(
-                format!("nats.servers[{i}]"),
+        // A URL is quoted without its credentials: they are secrets.
+        let shown = without_credentials(s);
+        let key = format!("nats.servers[{i}]");
+        match s.parse::<async_nats::ServerAddr>() {
+            Err(e) => p.push(problem(key, format!("`{shown}`: {e}"))),
+            Ok(addr) if addr.host().is_empty() => p.push(problem(
+                key,
+                format!("`{shown}` names no host: write it as nats://nats-broker:4222"),
+            )),
+            Ok(addr) if addr.username().is_some() || addr.password().is_some() => p.push(problem(
+                key,
                 format!(
-                    "`{s}`: a websocket URL with a path is not supported by the NATS client; \
-                     use the broker's internal nats:// address"
+                    "`{shown}` carries credentials, which would be written to the log \
+                         with the URL: give them as nats.user and nats.password, or \
+                         nats.token, which are never logged"
                 ),
-            ));
+            )),
+            Ok(_)
+                if (s.starts_with("ws://") || s.starts_with("wss://"))
+                    && s.splitn(4, '/').nth(3).is_some_and(|rest| !rest.is_empty()) =>
+            {
+                p.push(problem(
+                    key,
+                    format!(
+                        "`{shown}`: a websocket URL with a path is not supported by the NATS \
+                         client; use the broker's internal nats:// address"
+                    ),
+                ))
+            }
+            Ok(_) => {}
         }
     }
     let auth_methods = [
@@ -953,7 +976,20 @@ pub fn validate(c: &Config) -> Vec<Problem> {
         } else if !(c.attach.url.starts_with("http://") || c.attach.url.starts_with("https://")) {
             p.push(problem(
                 "attach.url",
-                format!("`{}` must start with http:// or https://", c.attach.url),
+                format!(
+                    "`{}` must start with http:// or https://",
+                    without_credentials(&c.attach.url)
+                ),
+            ));
+        } else if without_credentials(&c.attach.url) != c.attach.url {
+            p.push(problem(
+                "attach.url",
+                format!(
+                    "`{}` carries credentials, which would be written to the log with the \
+                     URL: send them as a header (attach.headers, e.g. Authorization) or as \
+                     attach.auth_token, which are never logged",
+                    without_credentials(&c.attach.url)
+                ),
             ));
         }
         if !c.attach.path.starts_with('/') {
@@ -1020,6 +1056,19 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     }
     p.extend(crate::route::validate_specs(&c.routes));
     p
+}
+
+/// `url` with any `user:password@` before its host replaced by `***@`, for
+/// messages that quote a URL (also one that does not parse).
+fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_string(),
+    }
 }
 
 impl Config {

@@ -229,6 +229,89 @@ fn environment_overrides() {
     assert!(out.contains("/trades <-> /trades"), "{out}");
 }
 
+/// A NATS server URL without a host, or with credentials in it, is refused
+/// with its key and the variable that set it, and the credentials are not
+/// shown: they would otherwise reach the log with every line naming the
+/// server, and a URL without a host only fails later, as endless reconnects.
+#[test]
+fn server_urls_without_a_host_or_with_credentials_are_refused() {
+    const SECRET: &str = "pa55w0rdXYZ";
+    let cases = [
+        (r#"["nats://"]"#, "names no host"),
+        (r#"[""]"#, "names no host"),
+        (
+            r#"["nats://qauser:pa55w0rdXYZ@nats-broker:4222"]"#,
+            "carries credentials",
+        ),
+        (
+            r#"["nats://pa55w0rdXYZ@nats-broker:4222"]"#,
+            "carries credentials",
+        ),
+        (
+            r#"["nats://:pa55w0rdXYZ@nats-broker:4222"]"#,
+            "carries credentials",
+        ),
+        // a URL that does not parse is quoted without its credentials too
+        (
+            r#"["nats://qauser:pa55w0rdXYZ@nats-broker:99999"]"#,
+            "invalid port",
+        ),
+    ];
+    for (servers, why) in cases {
+        let (code, out, err) = bridge_cli(
+            &["--config", "config/traderx.toml", "check-config"],
+            &[("TRADEFEED_BRIDGE_NATS__SERVERS", servers)],
+        );
+        assert_eq!(code, 2, "{servers}: {out}{err}");
+        let line = err
+            .lines()
+            .find(|l| l.trim_start().starts_with("nats.servers[0]: "))
+            .unwrap_or_else(|| panic!("{servers}: {err}"));
+        assert!(line.contains(why), "{servers}: {line}");
+        assert!(
+            line.ends_with("(from environment variable TRADEFEED_BRIDGE_NATS__SERVERS)"),
+            "{servers}: {line}"
+        );
+        assert!(!out.contains(SECRET) && !err.contains(SECRET), "{out}{err}");
+    }
+    let (code, out, err) = bridge_cli(
+        &["--config", "config/traderx.toml", "check-config", "--show"],
+        &[
+            ("TRADEFEED_BRIDGE_MODE", "attach"),
+            (
+                "TRADEFEED_BRIDGE_ATTACH__URL",
+                "http://qauser:pa55w0rdXYZ@trade-feed:18086",
+            ),
+        ],
+    );
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("attach.url: `http://***@trade-feed:18086` carries credentials"),
+        "{err}"
+    );
+    assert!(!out.contains(SECRET) && !err.contains(SECRET), "{out}{err}");
+
+    // a secret of the wrong type inside a table names the table's variable
+    let (code, _, err) = bridge_cli(
+        &["--config", "config/traderx.toml", "check-config"],
+        &[
+            ("TRADEFEED_BRIDGE_MODE", "attach"),
+            ("TRADEFEED_BRIDGE_ATTACH__URL", "http://trade-feed:18086"),
+            ("TRADEFEED_BRIDGE_ATTACH__HEADERS", "{X-Api-Key=12345}"),
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.trim_start().starts_with("attach.headers.X-Api-Key: "))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.ends_with("(from environment variable TRADEFEED_BRIDGE_ATTACH__HEADERS)"),
+        "{line}"
+    );
+    assert!(!err.contains("12345"), "{err}");
+}
+
 /// A --config file that does not exist is an error naming the path, for
 /// `check-config` and `run` alike; so is a file that is not TOML.
 #[test]
