@@ -660,6 +660,34 @@ fn prune_check_on_changes_to_a_clean_tree() {
     assert_eq!(code, 2, "{out}");
 }
 
+/// Text in another encoding than UTF-8 is still scanned: a Latin-1
+/// `.properties` file (Java's traditional encoding) or an nginx file with a
+/// cp1252 comment that still names trade-feed fails the tree, on its line.
+#[test]
+fn prune_check_reads_text_that_is_not_utf8() {
+    let dir = scratch();
+    copy_tree(Path::new(&fixture("state-006")), dir.path());
+    let tree = dir.path().display().to_string();
+    std::fs::write(
+        dir.path().join("application.properties"),
+        b"# Param\xe8tres du d\xe9p\xf4t\ntrade.feed.address=http://trade-feed:18086\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("legacy.conf"),
+        b"# \x93old\x94 hub\nupstream feed { server trade-feed:18086; }\n",
+    )
+    .unwrap();
+    let (code, out) = run_bin(&["prune-check", &tree]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(
+        locations(&out, "error"),
+        ["application.properties:2", "legacy.conf:2"],
+        "{out}"
+    );
+    assert!(!out.contains("skipped"), "{out}");
+}
+
 fn copy_tree(from: &Path, to: &Path) {
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();

@@ -19,6 +19,8 @@
 //!   `/socket.io` or `/trade-feed` is a finding, so is any line naming
 //!   trade-feed. Gradle and Python requirement files warn about Socket.IO
 //!   libraries.
+//! - Text in another encoding than UTF-8 is read too (bytes that are not
+//!   UTF-8 become U+FFFD; the names looked for are ASCII).
 //! - **Folders, files and symlinks** named after trade-feed, and symlinks
 //!   pointing at it, dangling or not. Other dangling symlinks are warnings.
 //!
@@ -353,7 +355,13 @@ fn read_text(path: &Path) -> Result<String, String> {
     if bytes.iter().take(8192).any(|b| *b == 0) {
         return Err(BINARY.into());
     }
-    String::from_utf8(bytes).map_err(|_| "not UTF-8 text".into())
+    // Text in another encoding (Latin-1 .properties files, a comment typed
+    // in cp1252) is still read: the names looked for are ASCII, and a file
+    // skipped for one odd byte would pass a tree that still names trade-feed.
+    Ok(match String::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
 }
 
 /// The report: one line per finding, `path:line: severity: message`.
