@@ -68,7 +68,7 @@ enum Command {
         #[arg(long)]
         admin_url: String,
         /// How long the legacy side must have been quiet (e.g. 10m, 1h).
-        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        #[arg(long, default_value = "10m", value_parser = quiet_window)]
         quiet_for: std::time::Duration,
     },
     /// Scan a deployment tree for anything that still deploys, routes to or
@@ -95,6 +95,16 @@ fn main() -> ExitCode {
             quiet_for,
         } => decommission_check(&admin_url, quiet_for),
         Command::PruneCheck { path, exclude } => prune_check(&path, &exclude),
+    }
+}
+
+/// `--quiet-for`: a humantime span, not zero (an empty window would call any
+/// bridge ready, even one whose last legacy client left a second ago).
+fn quiet_window(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("the window must be longer than 0, e.g. 10m or 24h".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
     }
 }
 

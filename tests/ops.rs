@@ -522,6 +522,27 @@ fn decommission_check_waits_for_the_legacy_side_to_be_quiet_for_the_window() {
     assert!(out.contains("cannot check"), "{out}");
 }
 
+/// A zero window is refused before the bridge is asked: it would call any
+/// bridge ready, even one whose last legacy client left a moment ago.
+#[test]
+fn decommission_check_refuses_an_empty_window() {
+    for window in ["0s", "0ms", "0m"] {
+        let (code, out) = run_bin(&[
+            "decommission-check",
+            "--admin-url",
+            &format!("http://127.0.0.1:{}", free_port()),
+            "--quiet-for",
+            window,
+        ]);
+        assert_eq!(code, 2, "{window}: {out}");
+        assert!(
+            out.contains("--quiet-for") && out.contains("longer than 0"),
+            "{window}: {out}"
+        );
+        assert!(!out.contains("cannot check"), "{window}: {out}");
+    }
+}
+
 // ------------------------------------------------------------------ prune-check
 
 fn fixture(name: &str) -> String {
