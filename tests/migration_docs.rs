@@ -238,6 +238,30 @@ fn node_guide_program_runs_with_nats() {
     });
 }
 
+/// The production additions: an order published while no processor runs is
+/// reported by the server (503 on its reply subject) and published again
+/// until the processor, started late, books it.
+#[test]
+fn node_guide_program_publishes_again_an_order_nobody_consumed() {
+    let blocks = code_blocks(&doc("backend-clients.md"), "js");
+    let file = "trade-service-retry.js";
+    let program = blocks
+        .iter()
+        .find(|b| b.contains(file))
+        .unwrap_or_else(|| panic!("no js block naming {file}"));
+    let broker = Broker::shipped();
+    let dir = scratch();
+    let path = dir.path().join(file);
+    std::fs::write(&path, program).unwrap();
+    let mut cmd = Command::new("node");
+    cmd.arg(&path)
+        .env("NODE_PATH", root().join("tests/node/node_modules"))
+        .env("NATS_URL", broker.url())
+        .current_dir(dir.path());
+    let stdout = run_program(cmd, file, Duration::from_secs(60));
+    assert_eq!(stdout.trim(), "booked", "{file}");
+}
+
 #[test]
 fn python_guide_program_runs_with_nats_py() {
     guide_program_books_an_order("python", "trade_flow.py", |path| {
