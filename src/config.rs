@@ -799,8 +799,27 @@ pub fn validate(c: &Config) -> Vec<Problem> {
             format!("`{}` is not an address like 0.0.0.0:18097", c.admin.listen),
         ));
     }
-    if c.mode == Mode::Server && c.socketio.listen == c.admin.listen {
-        p.push(problem("admin.listen", "must differ from socketio.listen"));
+    // The same port on the same address, or on a wildcard address that
+    // covers the other (0.0.0.0:18086 and 127.0.0.1:18086), cannot both bind.
+    let clash = match (
+        c.socketio.listen.parse::<SocketAddr>(),
+        c.admin.listen.parse::<SocketAddr>(),
+    ) {
+        (Ok(a), Ok(b)) => {
+            a.port() == b.port()
+                && a.port() != 0
+                && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        }
+        _ => c.socketio.listen == c.admin.listen,
+    };
+    if c.mode == Mode::Server && clash {
+        p.push(problem(
+            "admin.listen",
+            format!(
+                "`{}` and socketio.listen `{}` would share a port: use another port",
+                c.admin.listen, c.socketio.listen
+            ),
+        ));
     }
     if c.socketio.paths.is_empty() {
         p.push(problem("socketio.paths", "at least one path is needed"));

@@ -312,6 +312,46 @@ fn server_urls_without_a_host_or_with_credentials_are_refused() {
     assert!(!err.contains("12345"), "{err}");
 }
 
+/// The admin endpoint and the Socket.IO endpoint cannot share a port, also
+/// when one listens on every address and the other on one of them: found
+/// by check-config, not at start-up as "Address already in use".
+#[test]
+fn admin_and_socketio_endpoints_on_one_port_are_refused() {
+    for (socketio, admin) in [
+        ("0.0.0.0:18086", "0.0.0.0:18086"),
+        ("0.0.0.0:18086", "127.0.0.1:18086"),
+        ("127.0.0.1:18086", "0.0.0.0:18086"),
+        ("[::]:18086", "127.0.0.1:18086"),
+    ] {
+        let (code, out, err) = check(
+            "config/traderx.toml",
+            &[
+                ("TRADEFEED_BRIDGE_SOCKETIO__LISTEN", socketio),
+                ("TRADEFEED_BRIDGE_ADMIN__LISTEN", admin),
+            ],
+        );
+        assert_eq!(code, 2, "{socketio} {admin}: {out}{err}");
+        assert!(
+            err.lines()
+                .any(|l| l.trim_start().starts_with("admin.listen: ") && l.contains("share a port")),
+            "{socketio} {admin}: {err}"
+        );
+    }
+    for (socketio, admin) in [
+        ("127.0.0.1:18086", "127.0.0.2:18086"),
+        ("0.0.0.0:18086", "0.0.0.0:18097"),
+    ] {
+        let (code, out, err) = check(
+            "config/traderx.toml",
+            &[
+                ("TRADEFEED_BRIDGE_SOCKETIO__LISTEN", socketio),
+                ("TRADEFEED_BRIDGE_ADMIN__LISTEN", admin),
+            ],
+        );
+        assert_eq!(code, 0, "{socketio} {admin}: {out}{err}");
+    }
+}
+
 /// A --config file that does not exist is an error naming the path, for
 /// `check-config` and `run` alike; so is a file that is not TOML.
 #[test]
