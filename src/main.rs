@@ -78,7 +78,8 @@ enum Command {
     PruneCheck {
         /// The deployment tree (or one file).
         path: PathBuf,
-        /// A path inside the tree to leave out (repeatable).
+        /// A path inside the tree to leave out, relative to the tree or
+        /// absolute (repeatable); one that names nothing there is an error.
         #[arg(long)]
         exclude: Vec<PathBuf>,
     },

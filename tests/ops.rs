@@ -681,6 +681,46 @@ fn prune_check_on_changes_to_a_clean_tree() {
     assert_eq!(code, 2, "{out}");
 }
 
+/// `--exclude` takes a path relative to the tree or an absolute one inside
+/// it; one that names nothing in the tree is an error, not a silent no-op
+/// that scans what the operator meant to leave out.
+#[test]
+fn prune_check_exclude_paths_must_name_something_in_the_tree() {
+    let tree = fixture("state-005");
+    let all = run_bin(&["prune-check", &tree]).1;
+    let kube = |out: &str| {
+        locations(out, "error")
+            .iter()
+            .filter(|l| l.starts_with("kubernetes/"))
+            .count()
+    };
+    assert_eq!(kube(&all), 6, "{all}");
+    for exclude in [
+        "kubernetes".to_string(),
+        "./kubernetes/".to_string(),
+        format!("{tree}/kubernetes"),
+    ] {
+        let (code, out) = run_bin(&["prune-check", &tree, "--exclude", &exclude]);
+        assert_eq!(code, 1, "{exclude}: {out}");
+        assert_eq!(kube(&out), 0, "{exclude}: {out}");
+        assert!(locations(&out, "error").len() > 10, "{exclude}: {out}");
+    }
+    for exclude in [
+        "kubernets".to_string(),
+        // relative to the working directory, not to the tree
+        "tests/fixtures/prune/state-005/kubernetes".to_string(),
+        // absolute, but outside the tree
+        fixture("state-006"),
+    ] {
+        let (code, out) = run_bin(&["prune-check", &tree, "--exclude", &exclude]);
+        assert_eq!(code, 2, "{exclude}: {out}");
+        assert!(
+            out.contains(&format!("--exclude {exclude}: no such path in {tree}")),
+            "{exclude}: {out}"
+        );
+    }
+}
+
 /// Text in another encoding than UTF-8 is still scanned: a Latin-1
 /// `.properties` file (Java's traditional encoding) or an nginx file with a
 /// cp1252 comment that still names trade-feed fails the tree, on its line.

@@ -127,6 +127,40 @@ pub enum PruneError {
     },
     #[error("{path} holds more than {MAX_ENTRIES} entries; scan a smaller tree")]
     TooLarge { path: PathBuf },
+    #[error(
+        "--exclude {exclude}: no such path in {root} (give it relative to the tree, \
+         or as an absolute path inside it)"
+    )]
+    Exclude { exclude: PathBuf, root: PathBuf },
+}
+
+/// Each `--exclude` as a path relative to `root`: an absolute path inside
+/// the tree is made relative; one that names nothing in the tree is an
+/// error, since leaving it out silently would scan what the operator meant
+/// to leave out (or hide a typo).
+fn excludes_in(root: &Path, exclude: &[PathBuf]) -> Result<Vec<PathBuf>, PruneError> {
+    let canonical_root = std::fs::canonicalize(root).ok();
+    exclude
+        .iter()
+        .map(|x| {
+            let rel = if x.is_absolute() {
+                let inside = match (&canonical_root, std::fs::canonicalize(x)) {
+                    (Some(r), Ok(c)) => c.strip_prefix(r).ok().map(Path::to_path_buf),
+                    _ => None,
+                };
+                inside.or_else(|| x.strip_prefix(root).ok().map(Path::to_path_buf))
+            } else {
+                Some(x.components().filter(|c| c.as_os_str() != ".").collect())
+            };
+            match rel {
+                Some(r) if std::fs::symlink_metadata(root.join(&r)).is_ok() => Ok(r),
+                _ => Err(PruneError::Exclude {
+                    exclude: x.clone(),
+                    root: root.to_path_buf(),
+                }),
+            }
+        })
+        .collect()
 }
 
 /// What one file contributes, before paths are attached.
@@ -160,6 +194,7 @@ pub fn scan(root: &Path, exclude: &[PathBuf]) -> Result<Scan, PruneError> {
         path: root.to_path_buf(),
         source,
     })?;
+    let exclude = &excludes_in(root, exclude)?;
     let mut out = Scan::default();
     if meta.is_file() {
         let name = root.file_name().map(PathBuf::from).unwrap_or_default();
