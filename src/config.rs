@@ -784,6 +784,21 @@ fn key_problem(path: &Path) -> Option<String> {
 pub fn validate(c: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
 
+    // It is a token of the bridge's own subjects (_INBOX.<id>.roundtrip) and
+    // a header value: a space or a wildcard would make every publish fail.
+    if !c
+        .instance_id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        p.push(problem(
+            "instance_id",
+            format!(
+                "`{}` may hold only letters, digits, - and _ (it is a token of NATS subjects)",
+                c.instance_id
+            ),
+        ));
+    }
     if c.socketio.listen.parse::<SocketAddr>().is_err() {
         p.push(problem(
             "socketio.listen",

@@ -352,6 +352,33 @@ fn admin_and_socketio_endpoints_on_one_port_are_refused() {
     }
 }
 
+/// The instance id becomes a token of the bridge's NATS subjects: one with
+/// a space, a dot or a wildcard is refused by check-config instead of
+/// stopping the bridge at start-up with "invalid subject".
+#[test]
+fn instance_ids_that_cannot_be_a_subject_token_are_refused() {
+    for bad in ["has space", "a.b", "bridge*", "bridge>", "tfb\u{e9}"] {
+        let (code, out, err) = check(
+            "config/traderx.toml",
+            &[("TRADEFEED_BRIDGE_INSTANCE_ID", bad)],
+        );
+        assert_eq!(code, 2, "{bad}: {out}{err}");
+        assert!(
+            err.lines()
+                .any(|l| l.trim_start().starts_with("instance_id: ")
+                    && l.contains("(from environment variable TRADEFEED_BRIDGE_INSTANCE_ID)")),
+            "{bad}: {err}"
+        );
+    }
+    for good in ["trade-feed-bridge", "tradefeed_bridge_2", "B1"] {
+        let (code, out, err) = check(
+            "config/traderx.toml",
+            &[("TRADEFEED_BRIDGE_INSTANCE_ID", good)],
+        );
+        assert_eq!(code, 0, "{good}: {out}{err}");
+    }
+}
+
 /// A --config file that does not exist is an error naming the path, for
 /// `check-config` and `run` alike; so is a file that is not TOML.
 #[test]
