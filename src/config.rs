@@ -1035,6 +1035,23 @@ pub fn validate(c: &Config) -> Vec<Problem> {
                 "must not exceed attach.reconnect_delay_max",
             ));
         }
+        // JetStream's rule for key-value bucket names.
+        if c.attach.lease
+            && (c.attach.lease_bucket.is_empty()
+                || !c
+                    .attach
+                    .lease_bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        {
+            p.push(problem(
+                "attach.lease_bucket",
+                format!(
+                    "`{}` is not a JetStream bucket name: letters, digits, - and _ only",
+                    c.attach.lease_bucket
+                ),
+            ));
+        }
         if c.attach.lease_ttl < Duration::from_secs(1) {
             p.push(problem("attach.lease_ttl", "must be at least 1s"));
         }

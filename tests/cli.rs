@@ -354,7 +354,8 @@ fn admin_and_socketio_endpoints_on_one_port_are_refused() {
 
 /// The instance id becomes a token of the bridge's NATS subjects: one with
 /// a space, a dot or a wildcard is refused by check-config instead of
-/// stopping the bridge at start-up with "invalid subject".
+/// stopping the bridge at start-up with "invalid subject". The same for
+/// the lease bucket, which JetStream refuses (the bridge stood by for ever).
 #[test]
 fn instance_ids_that_cannot_be_a_subject_token_are_refused() {
     for bad in ["has space", "a.b", "bridge*", "bridge>", "tfb\u{e9}"] {
@@ -367,6 +368,23 @@ fn instance_ids_that_cannot_be_a_subject_token_are_refused() {
             err.lines()
                 .any(|l| l.trim_start().starts_with("instance_id: ")
                     && l.contains("(from environment variable TRADEFEED_BRIDGE_INSTANCE_ID)")),
+            "{bad}: {err}"
+        );
+    }
+    // so is the lease bucket's name, which JetStream would refuse at run time
+    for bad in ["my bucket", "lease.bucket", ""] {
+        let (code, out, err) = check(
+            "config/traderx.toml",
+            &[
+                ("TRADEFEED_BRIDGE_MODE", "attach"),
+                ("TRADEFEED_BRIDGE_ATTACH__URL", "http://trade-feed:18086"),
+                ("TRADEFEED_BRIDGE_ATTACH__LEASE_BUCKET", bad),
+            ],
+        );
+        assert_eq!(code, 2, "{bad}: {out}{err}");
+        assert!(
+            err.lines()
+                .any(|l| l.trim_start().starts_with("attach.lease_bucket: ")),
             "{bad}: {err}"
         );
     }
