@@ -436,13 +436,11 @@ fn problem(key: impl Into<String>, message: impl Into<String>) -> Problem {
 /// sets `nats.servers`; `__` separates key levels.
 pub fn figment(path: &Path, file_required: bool) -> Result<Figment, ConfigErrors> {
     let mut fig = Figment::new();
+    if path.is_dir() || (file_required && !path.exists()) {
+        return Err(ConfigErrors(vec![problem("--config", not_a_file(path))]));
+    }
     if path.exists() {
         fig = fig.merge(Toml::file_exact(path));
-    } else if file_required {
-        return Err(ConfigErrors(vec![problem(
-            "--config",
-            format!("file {} does not exist", path.display()),
-        )]));
     }
     // CONFIG and LOG_* style variables used by the command line itself are not keys.
     let env = Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"]);
@@ -454,6 +452,15 @@ pub fn figment(path: &Path, file_required: bool) -> Result<Figment, ConfigErrors
         fig = fig.merge(figment::providers::Serialized::default(key.as_str(), value));
     }
     Ok(fig)
+}
+
+/// Why `path` cannot be read as a file: it is missing, or a folder.
+fn not_a_file(path: &Path) -> String {
+    if path.is_dir() {
+        format!("{} is a folder, not a file", path.display())
+    } else {
+        format!("file {} does not exist", path.display())
+    }
 }
 
 /// Keys whose environment variable is a plain string, never parsed: the
@@ -976,7 +983,7 @@ pub fn validate(c: &Config) -> Vec<Problem> {
     ] {
         let Some(f) = file else { continue };
         if !f.is_file() {
-            p.push(problem(key, format!("file {} does not exist", f.display())));
+            p.push(problem(key, not_a_file(f)));
             continue;
         }
         let checked = match key {

@@ -417,6 +417,26 @@ fn missing_or_unreadable_config_file() {
     assert_eq!(code, 2);
     assert!(err.contains(&m), "{err}");
 
+    // a folder given for a file says so, for --config and for the key files
+    let folder = dir.path().display().to_string();
+    let (code, _, err) = bridge_cli(&["--config", &folder, "check-config"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("--config: {folder} is a folder, not a file")),
+        "{err}"
+    );
+    for key in ["CREDENTIALS_FILE", "TLS_CA_FILE"] {
+        let (code, _, err) = check(
+            "config/traderx.toml",
+            &[(&format!("TRADEFEED_BRIDGE_NATS__{key}"), &folder)],
+        );
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(&format!("{folder} is a folder, not a file")),
+            "{key}: {err}"
+        );
+    }
+
     let garbage = dir.path().join("garbage.toml");
     std::fs::write(&garbage, "this is = = not toml\n").unwrap();
     let g = garbage.display().to_string();
