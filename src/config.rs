@@ -521,7 +521,7 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigErrors> {
                         key_of(&err.path),
                         format!(
                             "{}{}",
-                            without_excerpt(&err.kind.to_string()),
+                            without_excerpt(&kind_text(&err.path, &err.kind)),
                             origin(fig, &err.path)
                         ),
                     )
@@ -565,7 +565,11 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigErrors> {
             if !derived {
                 problems.push(problem(
                     key_of(&err.path),
-                    format!("{}{}", err.kind, origin(fig, &err.path)),
+                    format!(
+                        "{}{}",
+                        kind_text(&err.path, &err.kind),
+                        origin(fig, &err.path)
+                    ),
                 ));
             }
             if let [first, index, ..] = err.path.as_slice() {
@@ -618,6 +622,36 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigErrors> {
         Ok(config)
     } else {
         Err(ConfigErrors(problems))
+    }
+}
+
+/// A type error's text. Where a table holding secrets was expected (`nats`,
+/// `attach`, `attach.headers`), a string found instead is not quoted: it is
+/// typically the table written with a brace missing
+/// (`TRADEFEED_BRIDGE_ATTACH__HEADERS='{X-Api-Key="..."'`), secret included.
+fn kind_text(path: &[String], kind: &figment::error::Kind) -> String {
+    use figment::error::{Actual, Kind};
+    const SECRETS: [[&str; 2]; 5] = [
+        ["nats", "token"],
+        ["nats", "password"],
+        ["nats", "nkey_seed"],
+        ["attach", "auth_token"],
+        ["attach", "headers"],
+    ];
+    let holds_secret = SECRETS
+        .iter()
+        .any(|s| path.len() <= s.len() && path.iter().zip(s).all(|(a, b)| a == b))
+        || path.starts_with(&["attach".to_string(), "headers".to_string()]);
+    match kind {
+        Kind::InvalidType(Actual::Str(_), expected)
+        | Kind::InvalidValue(Actual::Str(_), expected)
+            if holds_secret =>
+        {
+            format!(
+                "invalid type: found a string (not shown: it may hold a secret), expected {expected}"
+            )
+        }
+        _ => kind.to_string(),
     }
 }
 

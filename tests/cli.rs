@@ -312,6 +312,59 @@ fn server_urls_without_a_host_or_with_credentials_are_refused() {
     assert!(!err.contains("12345"), "{err}");
 }
 
+/// A table holding secrets, given through the environment with a brace
+/// missing, is read as one string: the problem names the key and the
+/// variable but does not quote the string, which holds the secret.
+#[test]
+fn a_malformed_table_of_secrets_is_not_quoted() {
+    const SECRET: &str = "SeCrEt99";
+    let attach = [
+        ("TRADEFEED_BRIDGE_MODE", "attach"),
+        ("TRADEFEED_BRIDGE_ATTACH__URL", "http://trade-feed:18086"),
+    ];
+    for (var, value, key) in [
+        (
+            "TRADEFEED_BRIDGE_ATTACH__HEADERS",
+            r#"{X-Api-Key="SeCrEt99""#,
+            "attach.headers",
+        ),
+        ("TRADEFEED_BRIDGE_NATS", r#"{token="SeCrEt99""#, "nats"),
+        (
+            "TRADEFEED_BRIDGE_ATTACH",
+            r#"{auth_token="SeCrEt99", url="#,
+            "attach",
+        ),
+    ] {
+        for cmd in ["check-config", "run"] {
+            let mut env: Vec<_> = attach
+                .iter()
+                .filter(|(k, _)| !k.starts_with(&format!("{var}__")))
+                .copied()
+                .collect();
+            env.push((var, value));
+            let (code, out, err) = bridge_cli(&["--config", "config/traderx.toml", cmd], &env);
+            assert_eq!(code, 2, "{var} {cmd}: {out}{err}");
+            let line = err
+                .lines()
+                .find(|l| l.trim_start().starts_with(&format!("{key}: ")))
+                .unwrap_or_else(|| panic!("{var}: {err}"));
+            assert!(line.contains("not shown"), "{line}");
+            assert!(line.contains(var), "{line}");
+            assert!(
+                !out.contains(SECRET) && !err.contains(SECRET),
+                "{var}: {out}{err}"
+            );
+        }
+    }
+    // elsewhere the string found is still quoted: it helps and holds no secret
+    let (code, _, err) = check(
+        "config/traderx.toml",
+        &[("TRADEFEED_BRIDGE_LOG", "{level=")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(r#"found string "{level=""#), "{err}");
+}
+
 /// The admin endpoint and the Socket.IO endpoint cannot share a port, also
 /// when one listens on every address and the other on one of them: found
 /// by check-config, not at start-up as "Address already in use".
