@@ -1152,7 +1152,7 @@ pub fn validate(c: &Config) -> Vec<Problem> {
 
 /// `url` with any `user:password@` before its host replaced by `***@`, for
 /// messages that quote a URL (also one that does not parse).
-fn without_credentials(url: &str) -> String {
+pub fn without_credentials(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };

@@ -57,9 +57,15 @@ pub fn census_url(admin_url: &str) -> String {
     }
 }
 
+/// The largest census read. ureq's default (10 MiB) was reached by a
+/// bridge that had seen one client publish on 100,000 topics.
+pub const MAX_CENSUS_BYTES: u64 = 1 << 30;
+
 /// Reads the census of the bridge at `admin_url`.
 pub fn fetch(admin_url: &str) -> Result<Report, CheckError> {
     let url = census_url(admin_url);
+    // as quoted in messages: credentials in the URL are not repeated
+    let shown = crate::config::without_credentials(&url);
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .timeout_global(Some(HTTP_TIMEOUT))
@@ -69,22 +75,28 @@ pub fn fetch(admin_url: &str) -> Result<Report, CheckError> {
         .get(&url)
         .call()
         .map_err(|e| CheckError::Unreachable {
-            url: url.clone(),
+            url: shown.clone(),
             source: Box::new(e),
         })?;
     let status = resp.status().as_u16();
     let body = resp
         .body_mut()
+        .with_config()
+        .limit(MAX_CENSUS_BYTES)
         .read_to_string()
         .map_err(|e| CheckError::Unreachable {
-            url: url.clone(),
+            url: shown.clone(),
             source: Box::new(e),
         })?;
     if status != 200 {
         let body: String = body.chars().take(200).collect();
-        return Err(CheckError::Status { url, status, body });
+        return Err(CheckError::Status {
+            url: shown,
+            status,
+            body,
+        });
     }
-    serde_json::from_str(&body).map_err(|source| CheckError::Body { url, source })
+    serde_json::from_str(&body).map_err(|source| CheckError::Body { url: shown, source })
 }
 
 /// The verdict and what it rests on.
@@ -263,7 +275,7 @@ pub fn render(admin_url: &str, quiet_for: Duration, r: &Report, v: &Verdict) -> 
     let _ = writeln!(
         s,
         "bridge:       {} (instance {}, {} mode, version {})",
-        census_url(admin_url),
+        crate::config::without_credentials(&census_url(admin_url)),
         r.instance,
         name(&r.mode),
         r.version

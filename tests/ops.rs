@@ -543,6 +543,78 @@ fn decommission_check_refuses_an_empty_window() {
     }
 }
 
+/// A census larger than 10 MiB (here: one legacy client that published on
+/// 60,000 topics) is still read, and credentials in --admin-url are not
+/// repeated in the report or in an error.
+#[test]
+fn decommission_check_reads_a_large_census_and_hides_url_credentials() {
+    let nats = Nats::start();
+    let bridge = Bridge::start(&nats);
+    let script = r#"
+const { io } = require('socket.io-client');
+const s = io(process.argv[1], { transports: ['websocket'], reconnection: false });
+s.on('connect', async () => {
+  const pad = 'x'.repeat(180);
+  for (let i = 0; i < 60000; i++) {
+    s.emit('publish', { topic: `/junk/${i}/${pad}`, payload: {} });
+    if (i % 2000 === 0) await new Promise((r) => setTimeout(r, 5));
+  }
+  s.emit('publish', { topic: '/junk/last', payload: {} }, () => { console.log('done'); process.exit(0); });
+});
+s.on('connect_error', (e) => { console.error(e.message); process.exit(1); });
+"#;
+    let out = Command::new("node")
+        .arg("-e")
+        .arg(script)
+        .arg(bridge.url())
+        .env("NODE_PATH", root().join("tests/node/node_modules"))
+        .output()
+        .expect("node");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "done",
+        "{out:?}"
+    );
+    let census_len = ureq::get(&format!(
+        "http://127.0.0.1:{}/api/census",
+        bridge.admin_port
+    ))
+    .call()
+    .expect("census")
+    .body_mut()
+    .with_config()
+    .limit(1 << 30)
+    .read_to_string()
+    .expect("census body")
+    .len();
+    assert!(census_len > 11 << 20, "{census_len} bytes");
+
+    let url = format!("http://qa:pw5ecret@127.0.0.1:{}", bridge.admin_port);
+    let (code, out) = run_bin(&[
+        "decommission-check",
+        "--admin-url",
+        &url,
+        "--quiet-for",
+        "10m",
+    ]);
+    assert_eq!(code, 1, "{}", &out[..out.len().min(2000)]);
+    assert!(
+        out.contains("a legacy client published"),
+        "{}",
+        &out[..2000]
+    );
+    assert!(out.contains("http://***@127.0.0.1:"), "{}", &out[..2000]);
+    assert!(!out.contains("pw5ecret"));
+
+    let url = format!("http://qa:pw5ecret@127.0.0.1:{}", free_port());
+    let (code, out) = run_bin(&["decommission-check", "--admin-url", &url]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("http://***@127.0.0.1:") && !out.contains("pw5ecret"),
+        "{out}"
+    );
+}
+
 // ------------------------------------------------------------------ prune-check
 
 fn fixture(name: &str) -> String {
