@@ -500,7 +500,7 @@ impl Bridge {
         client: async_nats::Client,
     ) {
         use async_nats::connection::State;
-        let confirm = crate::nats::RoundTrip::start(client.clone(), &self.instance_id);
+        let confirm = crate::nats::RoundTrip::start(client.clone(), self.clone());
         while let Some(out) = rx.recv().await {
             let out = *out;
             let route = self.routes.get(out.route);

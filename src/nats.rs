@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use async_nats::{ClientError, ConnectOptions, Event, ReconnectToServer, Server, ServerAddr};
+use futures::StreamExt;
 use rand::Rng;
 use tokio::sync::mpsc;
 
@@ -31,7 +32,7 @@ pub async fn connect(
     bridge: &Arc<Bridge>,
     give_up: &GiveUp,
 ) -> anyhow::Result<async_nats::Client> {
-    connect_as(cfg, bridge, give_up, true).await
+    connect_as(cfg, bridge, give_up, Kind::Primary).await
 }
 
 /// A second connection that receives the bridge's own publishes: the bridge
@@ -42,7 +43,25 @@ pub async fn connect_queue_member(
     bridge: &Arc<Bridge>,
     give_up: &GiveUp,
 ) -> anyhow::Result<async_nats::Client> {
-    connect_as(cfg, bridge, give_up, false).await
+    connect_as(cfg, bridge, give_up, Kind::QueueMember).await
+}
+
+/// A connection that answers the bridge's publish confirmations (see
+/// [`RoundTrip`]): the primary connection cannot, since it does not receive
+/// its own messages (`no_echo`).
+pub async fn connect_confirmer(
+    cfg: &NatsConfig,
+    bridge: &Arc<Bridge>,
+    give_up: &GiveUp,
+) -> anyhow::Result<async_nats::Client> {
+    connect_as(cfg, bridge, give_up, Kind::Confirmer).await
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Primary,
+    QueueMember,
+    Confirmer,
 }
 
 /// How the bridge authenticates, for log lines: names the method and what
@@ -75,8 +94,9 @@ async fn connect_as(
     cfg: &NatsConfig,
     bridge: &Arc<Bridge>,
     give_up: &GiveUp,
-    primary: bool,
+    kind: Kind,
 ) -> anyhow::Result<async_nats::Client> {
+    let primary = kind == Kind::Primary;
     let mut opts = match (&cfg.credentials_file, &cfg.nkey_seed, &cfg.token, &cfg.user) {
         (Some(path), _, _, _) => ConnectOptions::with_credentials_file(path)
             .await
@@ -106,10 +126,10 @@ async fn connect_as(
     if tls_wanted(cfg) {
         opts = opts.require_tls(true);
     }
-    let label = if primary {
-        "NATS"
-    } else {
-        "NATS queue-member connection"
+    let label = match kind {
+        Kind::Primary => "NATS",
+        Kind::QueueMember => "NATS queue-member connection",
+        Kind::Confirmer => "NATS confirmation connection",
     };
     let dialer = Arc::new(Dialer {
         label,
@@ -118,11 +138,11 @@ async fn connect_as(
         max_delay: cfg.reconnect_delay_max,
         state: Mutex::new(DialState::default()),
     });
-    if primary {
-        opts = opts.name(&cfg.name).no_echo();
-    } else {
-        opts = opts.name(format!("{}-queue-member", cfg.name));
-    }
+    opts = match kind {
+        Kind::Primary => opts.name(&cfg.name).no_echo(),
+        Kind::QueueMember => opts.name(format!("{}-queue-member", cfg.name)),
+        Kind::Confirmer => opts.name(format!("{}-confirm", cfg.name)),
+    };
     let pick = dialer.clone();
     let events = dialer.clone();
     let events_bridge = bridge.clone();
@@ -339,11 +359,19 @@ impl Dialer {
 /// publish acknowledgement, and the client's `flush()` only empties its own
 /// socket buffer. The server handles a connection's messages in order, so
 /// its answer to a request sent after a publish proves it has the publish.
-/// The request goes to a subject nobody serves (`_INBOX.<instance>.roundtrip`)
-/// and the server's "no responders" status is the answer; one request
-/// confirms every publish made before it, so a burst of acks costs one round
-/// trip. (The bridge's NATS user must be allowed to publish there, as with
-/// the usual `_INBOX.>` permissions of request/reply clients.)
+/// One request confirms every publish made before it, so a burst of acks
+/// costs one round trip.
+///
+/// The request goes to the bridge's own subject (`_INBOX.<instance>.roundtrip`).
+/// A second connection, opened at the first ack asked for, answers it (the
+/// primary connection does not receive its own messages); the server's "no
+/// responders" status answers too. So a client subscribed to a matching
+/// wildcard (a `nats sub '>'` left running to watch traffic), which takes
+/// the request without answering, cannot hold the confirmation back. (The
+/// bridge's NATS user must be allowed to publish and subscribe there, as
+/// with the usual `_INBOX.>` permissions of request/reply clients; without
+/// the answering connection, a silent wildcard subscriber delays every ack
+/// by 5 s and turns it into a refusal, and the log says so.)
 #[derive(Clone)]
 pub struct RoundTrip {
     tx: mpsc::UnboundedSender<(socketioxide::extract::AckSender, u64)>,
@@ -351,14 +379,19 @@ pub struct RoundTrip {
 }
 
 impl RoundTrip {
-    pub fn start(client: async_nats::Client, instance_id: &str) -> RoundTrip {
+    pub fn start(client: async_nats::Client, bridge: Arc<Bridge>) -> RoundTrip {
         use std::sync::atomic::Ordering;
         let (tx, mut rx) = mpsc::unbounded_channel::<(socketioxide::extract::AckSender, u64)>();
         let stats = client.statistics();
         let connects = stats.clone();
-        let subject = format!("_INBOX.{instance_id}.roundtrip");
+        let subject = format!("_INBOX.{}.roundtrip", bridge.instance_id);
         tokio::spawn(async move {
+            // Opened once, at the first ack, and kept (it reconnects by itself).
+            let mut answerer: Option<Option<async_nats::Client>> = None;
             while let Some(first) = rx.recv().await {
+                if answerer.is_none() {
+                    answerer = Some(answer_confirmations(&bridge, &subject).await);
+                }
                 let mut waiting = vec![first];
                 while let Ok(more) = rx.try_recv() {
                     waiting.push(more);
@@ -413,6 +446,59 @@ impl RoundTrip {
         // the task lives as long as the client; if it is gone, so is NATS
         if let Err(e) = self.tx.send((ack, at)) {
             crate::bridge::reply(Some(e.0 .0), Err("NATS did not confirm the publish"));
+        }
+    }
+}
+
+/// Opens the connection that answers publish confirmations on `subject`
+/// (it subscribes again by itself after a reconnect). `None`, with a
+/// warning, if it cannot be opened: the confirmations then rely on the
+/// server's "no responders" status alone.
+async fn answer_confirmations(bridge: &Arc<Bridge>, subject: &str) -> Option<async_nats::Client> {
+    // Losing this connection must not stop the bridge: acks then wait for
+    // "no responders" again.
+    let (give_up, _ignored) = mpsc::unbounded_channel();
+    let opened = async {
+        let answerer = connect_confirmer(&bridge.config.nats, bridge, &give_up).await?;
+        let mut requests = answerer.subscribe(subject.to_string()).await?;
+        let replier = answerer.clone();
+        tokio::spawn(async move {
+            while let Some(m) = requests.next().await {
+                if let Some(reply) = m.reply {
+                    // A lost answer shows as an unconfirmed publish.
+                    let _ = replier.publish(reply, bytes::Bytes::new()).await;
+                }
+            }
+        });
+        // A check, off the acks' path: asking itself proves the server has
+        // the subscription (refused by permissions, it would not).
+        let check = answerer.clone();
+        let subject = subject.to_string();
+        tokio::spawn(async move {
+            let answered = tokio::time::timeout(
+                Duration::from_secs(10),
+                check.request(subject.clone(), bytes::Bytes::new()),
+            )
+            .await;
+            match answered {
+                Ok(Ok(_)) => tracing::debug!("publish confirmations are answered on {subject}"),
+                _ => tracing::warn!(
+                    "the connection answering publish confirmations on {subject} did not answer \
+                     itself within 10s (NATS down, or no permission to subscribe there); a NATS \
+                     client subscribed to a matching wildcard will hold acks back"
+                ),
+            }
+        });
+        anyhow::Ok(answerer)
+    };
+    match opened.await {
+        Ok(answerer) => Some(answerer),
+        Err(e) => {
+            tracing::warn!(
+                "cannot answer the bridge's publish confirmations on {subject}: {e:#}; a NATS \
+                 client subscribed to a matching wildcard will hold every ack back"
+            );
+            None
         }
     }
 }

@@ -145,3 +145,46 @@ fn nats_wildcard_subscriber_receives_legacy_publishes() {
     assert!(ui.msgs("pos", SHORT).is_empty());
     assert!(ui.msgs("trd", SHORT).is_empty());
 }
+
+/// An acknowledged publish is confirmed at once also while a NATS client
+/// watches everything (`>`): the confirmation's request then has a
+/// responder that never answers, so the server's "no responders" status
+/// cannot be what confirms it.
+#[test]
+fn acks_hold_while_a_nats_client_watches_every_subject() {
+    let nats = Nats::start();
+    let bridge = Bridge::start(&nats);
+    let watcher = Agent::nats(Lang::Node);
+    watcher.nats_connect(&nats.url());
+    watcher.sub("all", ">");
+    watcher.sub("pos", "positions.>");
+    let legacy = Agent::sio(Lang::Node);
+    legacy.connect(&bridge.url(), json!({}));
+    for i in 0..3 {
+        let position = json!({"accountId": 22214, "security": "IBM", "quantity": i, "updated": i});
+        let started = std::time::Instant::now();
+        let ack = legacy.emit_ack(
+            "publish",
+            json!([{"topic": "/accounts/22214/positions", "type": "Position", "payload": position}]),
+        );
+        assert_eq!(ack["args"][0], json!({"ok": true}), "publish {i}: {ack}");
+        // Unanswered, the confirmation would time out after 5 s.
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "publish {i} took {:?} to be confirmed",
+            started.elapsed()
+        );
+        let m = watcher.next_msg("pos", WAIT);
+        assert_eq!(m["subject"], "positions.account.22214.updated");
+        assert_eq!(body(&m)["payload"], position);
+    }
+    assert!(
+        watcher.msgs("pos", SHORT).is_empty(),
+        "a position arrived twice"
+    );
+    assert!(
+        !bridge.log().contains("did not confirm"),
+        "{}",
+        bridge.log()
+    );
+}
