@@ -651,7 +651,20 @@ fn kind_text(path: &[String], kind: &figment::error::Kind) -> String {
                 "invalid type: found a string (not shown: it may hold a secret), expected {expected}"
             )
         }
+        Kind::UnknownVariant(found, expected) => {
+            format!("unknown value `{found}`, expected {}", one_of(expected))
+        }
         _ => kind.to_string(),
+    }
+}
+
+/// `` `a` `` , `` `a` or `b` ``, `` `a`, `b` or `c` ``.
+fn one_of(choices: &[&str]) -> String {
+    let quoted: Vec<String> = choices.iter().map(|c| format!("`{c}`")).collect();
+    match quoted.split_last() {
+        None => "nothing".into(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
     }
 }
 

@@ -105,7 +105,11 @@ type = "Trade"
         ("nats.connect_timeout", "expected a duration", true),
         ("nats", "choose one of token, user/password", false),
         ("nats.password", "user and password go together", false),
-        ("routes[0].direction", "unknown variant", true),
+        (
+            "routes[0].direction",
+            "unknown value `sideways`, expected `both`, `to_nats` or `to_socketio`",
+            true,
+        ),
         ("routes[0].prio", "unknown key", true),
         ("routes[1]", "missing field `name`", true),
         ("routes[2].subject", "wildcards", false),
