@@ -74,7 +74,7 @@ enum Command {
     /// Scan a deployment tree for anything that still deploys, routes to or
     /// links trade-feed or the bridge: exit 0 when clean (Socket.IO
     /// libraries are warnings), 1 listing each file and line when not, 2
-    /// when the tree cannot be read.
+    /// when the tree, or a text file in it, cannot be read.
     PruneCheck {
         /// The deployment tree (or one file).
         path: PathBuf,
@@ -139,10 +139,13 @@ fn prune_check(path: &std::path::Path, exclude: &[PathBuf]) -> ExitCode {
             if !emit(&prune::render(path, &scan)) {
                 return ExitCode::FAILURE;
             }
-            if scan.errors() == 0 {
-                ExitCode::SUCCESS
-            } else {
+            if scan.errors() > 0 {
                 ExitCode::from(1)
+            } else if scan.holes() > 0 {
+                // Nothing found, but not everything could be looked at.
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
             }
         }
         Err(e) => {

@@ -836,3 +836,33 @@ fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// A text file the check could not read is a hole in it: with nothing
+/// found, the verdict is INCOMPLETE (exit 2), naming the file. A large
+/// binary file is expected (an image, an archive) and passes.
+#[test]
+fn prune_check_does_not_pass_a_tree_it_could_not_read_whole() {
+    let dir = scratch();
+    copy_tree(Path::new(&fixture("state-006")), dir.path());
+    let tree = dir.path().display().to_string();
+    let big = 9 * 1024 * 1024;
+
+    let mut image = vec![0u8; big];
+    image[..8].copy_from_slice(b"\x89PNG\r\n\x1a\n");
+    std::fs::write(dir.path().join("diagram.png"), &image).unwrap();
+    let (code, out) = run_bin(&["prune-check", &tree]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("prune-check: PASS"), "{out}");
+
+    let line = "upstream feed { server trade-feed:18086; }\n";
+    std::fs::write(
+        dir.path().join("huge.conf"),
+        line.repeat(big / line.len() + 1),
+    )
+    .unwrap();
+    let (code, out) = run_bin(&["prune-check", &tree]);
+    assert_eq!(code, 2, "{out}");
+    assert!(out.starts_with("prune-check: INCOMPLETE"), "{out}");
+    assert!(out.contains("huge.conf: skipped: larger than"), "{out}");
+    assert!(!out.contains("diagram.png"), "{out}");
+}

@@ -108,6 +108,12 @@ impl Scan {
         self.count(Severity::Error)
     }
 
+    /// Files that may hold text but could not be read (too large, an error):
+    /// holes in the check. Binary files are not holes.
+    pub fn holes(&self) -> usize {
+        self.skipped.iter().filter(|(_, why)| why != BINARY).count()
+    }
+
     pub fn warnings(&self) -> usize {
         self.count(Severity::Warning)
     }
@@ -384,6 +390,15 @@ const BINARY: &str = "binary";
 fn read_text(path: &Path) -> Result<String, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
     if meta.len() > MAX_FILE_BYTES {
+        // An image or an archive is expected; a large text file is a hole.
+        use std::io::Read as _;
+        let mut head = [0u8; 8192];
+        let n = std::fs::File::open(path)
+            .and_then(|mut f| f.read(&mut head))
+            .map_err(|e| format!("cannot read: {e}"))?;
+        if head[..n].contains(&0) {
+            return Err(BINARY.into());
+        }
         return Err(format!("larger than {MAX_FILE_BYTES} bytes"));
     }
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
@@ -409,6 +424,16 @@ pub fn render(root: &Path, scan: &Scan) -> String {
             "prune-check: FAIL: {errors} trade-feed artifact{} in {} ({warnings} warning{}, {} files scanned)",
             plural(errors),
             root.display(),
+            plural(warnings),
+            scan.files_scanned
+        );
+    } else if scan.holes() > 0 {
+        let holes = scan.holes();
+        let _ = writeln!(
+            s,
+            "prune-check: INCOMPLETE: no trade-feed artifact found in {}, but {holes} file{} could not be scanned (listed below) ({warnings} warning{}, {} files scanned)",
+            root.display(),
+            plural(holes),
             plural(warnings),
             scan.files_scanned
         );
