@@ -55,13 +55,20 @@ pub struct ClientInfo {
     pub connected_at_ms: u64,
     pub last_active_ms: u64,
     pub topics: BTreeSet<String>,
-    /// Messages published, per topic.
+    /// Messages published, per topic, for its first
+    /// [`MAX_PUBLISHED_TOPICS`] topics.
     pub published: BTreeMap<String, u64>,
+    /// Messages published on further topics, counted together, so that a
+    /// client publishing on ever new topics costs bounded memory.
+    pub published_other_topics: u64,
     /// Messages this client should have received but its buffer was full.
     pub dropped: u64,
     #[serde(skip)]
     pub warned_unsubscribed: bool,
 }
+
+/// Topics listed one by one in a client's census entry.
+pub const MAX_PUBLISHED_TOPICS: usize = 1000;
 
 /// The catch-all room: its members get every message.
 pub const CATCH_ALL: &str = "/*";

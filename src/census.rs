@@ -136,8 +136,11 @@ pub struct ClientReport {
     pub connected_at_ms: u64,
     pub last_active_ms: u64,
     pub topics: Vec<String>,
-    /// Messages published, per topic.
+    /// Messages published, per topic (its first 1,000 topics).
     pub published: BTreeMap<String, u64>,
+    /// Messages published on topics past the first 1,000, counted together.
+    #[serde(default)]
+    pub published_other_topics: u64,
     /// Messages it missed because its outgoing buffer was full.
     pub dropped: u64,
 }
@@ -154,6 +157,7 @@ impl ClientReport {
             last_active_ms: c.last_active_ms,
             topics: c.topics.into_iter().collect(),
             published: c.published,
+            published_other_topics: c.published_other_topics,
             dropped: c.dropped,
         }
     }

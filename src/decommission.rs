@@ -239,6 +239,13 @@ fn describe_client(now: u64, c: &ClientReport, left: Option<(u64, &str)>) -> Str
             .collect();
         let _ = write!(s, "\n        published: {}", published.join(", "));
     }
+    if c.published_other_topics > 0 {
+        let _ = write!(
+            s,
+            "\n        and {} more message(s) on further topics",
+            c.published_other_topics
+        );
+    }
     let _ = write!(
         s,
         "\n        connected at {}, last active {} ago",
@@ -440,6 +447,7 @@ mod tests {
             last_active_ms: NOW - 2 * MIN,
             topics: vec!["/trades".into()],
             published: [("/accounts/22/trades".to_string(), 2)].into(),
+            published_other_topics: 0,
             dropped: 0,
         }
     }

@@ -310,6 +310,7 @@ fn client_info(s: &Socket<LocalAdapter>) -> ClientInfo {
         last_active_ms: now,
         topics: Default::default(),
         published: Default::default(),
+        published_other_topics: 0,
         dropped: 0,
         warned_unsubscribed: false,
     }
@@ -456,11 +457,13 @@ fn on_publish(
         let mut clients = bridge.clients.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = clients.get_mut(&s.id) {
             c.last_active_ms = now;
+            let listed = c.published.len();
             match c.published.get_mut(p.topic.as_ref()) {
                 Some(n) => *n += 1,
-                None => {
+                None if listed < crate::bridge::MAX_PUBLISHED_TOPICS => {
                     c.published.insert(p.topic.to_string(), 1);
                 }
+                None => c.published_other_topics += 1,
             }
         }
     }

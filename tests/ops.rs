@@ -543,38 +543,48 @@ fn decommission_check_refuses_an_empty_window() {
     }
 }
 
-/// A census larger than 10 MiB (here: one legacy client that published on
-/// 60,000 topics) is still read, and credentials in --admin-url are not
-/// repeated in the report or in an error.
+/// A census larger than 10 MiB (here: 25 legacy clients that published on
+/// 1,000 long topics each) is still read, and credentials in --admin-url are
+/// not repeated in the report or in an error.
 #[test]
 fn decommission_check_reads_a_large_census_and_hides_url_credentials() {
     let nats = Nats::start();
     let bridge = Bridge::start(&nats);
     let script = r#"
 const { io } = require('socket.io-client');
-const s = io(process.argv[1], { transports: ['websocket'], reconnection: false });
-s.on('connect', async () => {
-  const pad = 'x'.repeat(180);
-  for (let i = 0; i < 60000; i++) {
-    s.emit('publish', { topic: `/junk/${i}/${pad}`, payload: {} });
-    if (i % 2000 === 0) await new Promise((r) => setTimeout(r, 5));
-  }
-  s.emit('publish', { topic: '/junk/last', payload: {} }, () => { console.log('done'); process.exit(0); });
+const pad = 'x'.repeat(400);
+const one = (c) => new Promise((resolve, reject) => {
+  const s = io(process.argv[1], { transports: ['websocket'], reconnection: false, forceNew: true });
+  s.on('connect', async () => {
+    for (let i = 0; i < 1000; i++) {
+      s.emit('publish', { topic: `/junk/${c}/${i}/${pad}`, payload: {} });
+      if (i % 250 === 0) await new Promise((r) => setTimeout(r, 5));
+    }
+    s.emit('publish', { topic: `/junk/${c}/0/${pad}`, payload: {} }, () => resolve(s));
+  });
+  s.on('connect_error', (e) => reject(e));
 });
-s.on('connect_error', (e) => { console.error(e.message); process.exit(1); });
+(async () => {
+  for (let c = 0; c < 25; c++) await one(c);
+  console.log('done');
+})().catch((e) => { console.error(e.message); process.exit(1); });
 "#;
-    let out = Command::new("node")
+    let mut child = Command::new("node")
         .arg("-e")
         .arg(script)
         .arg(bridge.url())
         .env("NODE_PATH", root().join("tests/node/node_modules"))
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .expect("node");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "done",
-        "{out:?}"
-    );
+    // The clients stay connected (the census lists them) until the end.
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "done");
     let census_len = ureq::get(&format!(
         "http://127.0.0.1:{}/api/census",
         bridge.admin_port
@@ -613,6 +623,75 @@ s.on('connect_error', (e) => { console.error(e.message); process.exit(1); });
         out.contains("http://***@127.0.0.1:") && !out.contains("pw5ecret"),
         "{out}"
     );
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A client publishing on ever new topics costs bounded memory: its census
+/// entry lists its first 1,000 topics and counts the rest together, and
+/// decommission-check still reports them.
+#[test]
+fn census_lists_a_clients_first_thousand_topics_and_counts_the_rest() {
+    let nats = Nats::start();
+    let bridge = Bridge::start(&nats);
+    let script = r#"
+const { io } = require('socket.io-client');
+const s = io(process.argv[1], { transports: ['websocket'], reconnection: false });
+s.on('connect', async () => {
+  for (let i = 0; i < 1200; i++) {
+    s.emit('publish', { topic: `/junk/${i}`, payload: {} });
+    if (i % 300 === 0) await new Promise((r) => setTimeout(r, 5));
+  }
+  s.emit('publish', { topic: '/junk/0', payload: {} }, () => console.log(s.id));
+});
+s.on('connect_error', (e) => { console.error(e.message); process.exit(1); });
+"#;
+    let mut child = Command::new("node")
+        .arg("-e")
+        .arg(script)
+        .arg(bridge.url())
+        .env("NODE_PATH", root().join("tests/node/node_modules"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node");
+    let mut id = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut id,
+    )
+    .unwrap();
+    let id = id.trim();
+    let (status, body) = bridge.admin("/api/census");
+    assert_eq!(status, 200);
+    let census: Value = serde_json::from_str(&body).unwrap();
+    let c = census["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no client {id} in {body}"));
+    let listed = c["published"].as_object().unwrap();
+    assert_eq!(listed.len(), 1000);
+    assert_eq!(listed["/junk/0"], 2);
+    assert_eq!(
+        listed.values().map(|n| n.as_u64().unwrap()).sum::<u64>(),
+        1001
+    );
+    assert_eq!(c["published_other_topics"], 200);
+
+    let (code, out) = run_bin(&[
+        "decommission-check",
+        "--admin-url",
+        &format!("http://127.0.0.1:{}", bridge.admin_port),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("and 200 more message(s) on further topics"),
+        "{}",
+        &out[..out.len().min(3000)]
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 // ------------------------------------------------------------------ prune-check
