@@ -29,17 +29,32 @@ pub fn router(bridge: Arc<Bridge>, prometheus: PrometheusHandle) -> Router {
         .route("/api/census", get(census))
         .route(
             "/api/legacy-consumers/{route}",
-            axum::routing::put(set_legacy_consumers),
+            get(legacy_consumers).put(set_legacy_consumers),
         )
         .route(
             "/api/attach/legacy-consumers/{route}",
-            axum::routing::put(set_legacy_consumers),
+            get(legacy_consumers).put(set_legacy_consumers),
         )
         .with_state(Admin {
             bridge: bridge.clone(),
             prometheus,
         })
         .merge(crate::console::router(bridge))
+}
+
+/// What is declared for a point-to-point route: `{"route", "legacy_consumers"}`.
+async fn legacy_consumers(
+    State(a): State<Admin>,
+    axum::extract::Path(route): axum::extract::Path<String>,
+) -> Response {
+    match a.bridge.declared_legacy_consumers(&route) {
+        Some(present) => Json(json!({"route": route, "legacy_consumers": present})).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": format!("no point-to-point route named {route}")})),
+        )
+            .into_response(),
+    }
 }
 
 /// Declares whether a point-to-point route's consumers are still on the

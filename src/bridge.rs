@@ -298,6 +298,16 @@ impl Bridge {
     /// them what it had already taken: a legacy consumer that cannot
     /// unsubscribe and wait for its own leave notice (TraderX's Java
     /// subscriber) is drained this way, then stopped.
+    /// What is declared for a point-to-point route (see
+    /// [`Bridge::set_legacy_consumers`]); `None` if no such route exists.
+    pub fn declared_legacy_consumers(&self, route_name: &str) -> Option<bool> {
+        if let Some(attach) = self.attach() {
+            return attach.declared_legacy_consumers(route_name);
+        }
+        let r = self.routes.queue_routes().find(|r| r.name == route_name)?;
+        Some(self.legacy_consumers(r.index))
+    }
+
     pub fn set_legacy_consumers(&self, route_name: &str, present: bool) -> bool {
         if let Some(attach) = self.attach() {
             return attach.set_legacy_consumers(route_name, present);

@@ -482,6 +482,15 @@ fn trade_orders_reach_exactly_one_processor_in_attach_mode() {
 
     // the legacy processor stops, the operator declares it gone
     legacy_processor.cmd(json!({"cmd": "disconnect"}));
+    let declared = || {
+        let (status, body) = bridge.admin("/api/attach/legacy-consumers/trade-orders");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    assert_eq!(
+        declared(),
+        json!({"route": "trade-orders", "legacy_consumers": true})
+    );
     assert_eq!(
         put_json(
             &bridge,
@@ -494,6 +503,11 @@ fn trade_orders_reach_exactly_one_processor_in_attach_mode() {
         put_json(&bridge, "/api/attach/legacy-consumers/nope", "false"),
         404
     );
+    assert_eq!(
+        declared(),
+        json!({"route": "trade-orders", "legacy_consumers": false})
+    );
+    assert_eq!(bridge.admin("/api/attach/legacy-consumers/nope").0, 404);
     wait_until("the bridge left the queue group", WAIT, || {
         bridge.log().contains("left the queue group")
     });

@@ -945,3 +945,44 @@ fn prune_check_does_not_pass_a_tree_it_could_not_read_whole() {
     assert!(out.contains("huge.conf: skipped: larger than"), "{out}");
     assert!(!out.contains("diagram.png"), "{out}");
 }
+
+/// `GET /api/legacy-consumers/<route>` shows what is declared for a
+/// point-to-point route, before and after an operator's `PUT`.
+#[test]
+fn legacy_consumer_declarations_can_be_read_back() {
+    let nats = Nats::start();
+    let bridge = Bridge::start(&nats);
+    let declared = || {
+        let (status, body) = bridge.admin("/api/legacy-consumers/trade-orders");
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
+    assert_eq!(
+        declared(),
+        json!({"route": "trade-orders", "legacy_consumers": true})
+    );
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let status = agent
+        .put(&format!(
+            "http://127.0.0.1:{}/api/legacy-consumers/trade-orders",
+            bridge.admin_port
+        ))
+        .header("content-type", "application/json")
+        .send("false")
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    assert_eq!(
+        declared(),
+        json!({"route": "trade-orders", "legacy_consumers": false})
+    );
+    // Not a point-to-point route, or no route at all.
+    assert_eq!(
+        bridge.admin("/api/legacy-consumers/account-positions").0,
+        404
+    );
+    assert_eq!(bridge.admin("/api/legacy-consumers/nope").0, 404);
+}

@@ -194,6 +194,16 @@ impl Attach {
 
     /// Declares where a point-to-point route's consumers are; `false` when
     /// no such route exists.
+    /// What was declared for a point-to-point route; `None` if no such route.
+    pub fn declared_legacy_consumers(&self, route_name: &str) -> Option<bool> {
+        let r = self
+            .bridge
+            .routes
+            .queue_routes()
+            .find(|r| r.name == route_name)?;
+        Some(self.legacy_consumers[r.index].load(Ordering::Relaxed))
+    }
+
     pub fn set_legacy_consumers(&self, route_name: &str, present: bool) -> bool {
         let Some(r) = self
             .bridge
