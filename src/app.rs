@@ -40,7 +40,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on admin.listen {admin_addr}"))?;
     tokio::spawn(telemetry::run_upkeep(prometheus.clone()));
     let admin_app = admin::router(bridge.clone(), prometheus);
-    tracing::info!(addr = %admin_listener.local_addr()?, "admin endpoint (/healthz, /readyz, /metrics, /api/census)");
+    tracing::info!(addr = %admin_listener.local_addr()?, "admin endpoint (/healthz, /readyz, /metrics, /api/census, /console/)");
     tokio::spawn(async move {
         if let Err(e) = axum::serve(admin_listener, admin_app).await {
             tracing::error!("admin endpoint stopped: {e}");
