@@ -451,9 +451,10 @@ impl RoundTrip {
 }
 
 /// Opens the connection that answers publish confirmations on `subject`
-/// (it subscribes again by itself after a reconnect). `None`, with a
-/// warning, if it cannot be opened: the confirmations then rely on the
-/// server's "no responders" status alone.
+/// (it subscribes again by itself after a reconnect), and returns once the
+/// server has its subscription, or with a warning after at most 5 s.
+/// `None`, with a warning, if it cannot be opened: the confirmations then
+/// rely on the server's "no responders" status alone.
 async fn answer_confirmations(bridge: &Arc<Bridge>, subject: &str) -> Option<async_nats::Client> {
     // Losing this connection must not stop the bridge: acks then wait for
     // "no responders" again.
@@ -470,25 +471,27 @@ async fn answer_confirmations(bridge: &Arc<Bridge>, subject: &str) -> Option<asy
                 }
             }
         });
-        // A check, off the acks' path: asking itself proves the server has
-        // the subscription (refused by permissions, it would not).
-        let check = answerer.clone();
-        let subject = subject.to_string();
-        tokio::spawn(async move {
-            let answered = tokio::time::timeout(
-                Duration::from_secs(10),
-                check.request(subject.clone(), bytes::Bytes::new()),
-            )
-            .await;
-            match answered {
-                Ok(Ok(_)) => tracing::debug!("publish confirmations are answered on {subject}"),
-                _ => tracing::warn!(
-                    "the connection answering publish confirmations on {subject} did not answer \
-                     itself within 10s (NATS down, or no permission to subscribe there); a NATS \
-                     client subscribed to a matching wildcard will hold acks back"
-                ),
-            }
-        });
+        // Asking itself proves the server has the subscription: the server
+        // handles the SUB before the request sent after it on this
+        // connection. Refused (no permission), the request finds no
+        // responder at once. Until this returns, the first ack waits.
+        let answered = tokio::time::timeout(
+            Duration::from_secs(5),
+            answerer.request(subject.to_string(), bytes::Bytes::new()),
+        )
+        .await;
+        match answered {
+            Ok(Ok(_)) => tracing::debug!("publish confirmations are answered on {subject}"),
+            Ok(Err(e)) => tracing::warn!(
+                "the connection answering publish confirmations cannot subscribe to {subject} \
+                 ({e}: is the bridge's NATS user allowed to?); a NATS client subscribed to a \
+                 matching wildcard will hold acks back"
+            ),
+            Err(_) => tracing::warn!(
+                "the connection answering publish confirmations on {subject} did not answer \
+                 itself within 5s (NATS unreachable?); it keeps trying"
+            ),
+        }
         anyhow::Ok(answerer)
     };
     match opened.await {
