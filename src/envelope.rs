@@ -108,18 +108,7 @@ pub fn parse_publish(arg: &RawValue) -> Result<Publish<'_>, Reject> {
         return Err(Reject::NotObject);
     }
     let p: PublishIn<'_> = serde_json::from_str(text).map_err(|_| Reject::NotObject)?;
-    let topic_raw = p.topic.ok_or(Reject::NoTopic)?;
-    let topic: Cow<'_, str> =
-        serde_json::from_str(topic_raw.get()).map_err(|_| Reject::TopicNotString)?;
-    let kind = match p.kind {
-        Some(k) if k.get() != "null" => k,
-        _ => message_type(),
-    };
-    Ok(Publish {
-        topic,
-        kind,
-        payload: p.payload,
-    })
+    checked(p)
 }
 
 /// `first_arg` and `parse_publish` in one pass over the event's text
@@ -139,6 +128,12 @@ pub fn parse_publish_event(raw_event: &str) -> Result<Publish<'_>, Reject> {
         Arg::NotObject => return Err(Reject::NotObject),
         Arg::Object(p) => p,
     };
+    checked(p)
+}
+
+/// The checks both parsers share once the object is read: a topic that is
+/// a string, and the default type.
+fn checked(p: PublishIn<'_>) -> Result<Publish<'_>, Reject> {
     let topic_raw = p.topic.ok_or(Reject::NoTopic)?;
     let topic: Cow<'_, str> =
         serde_json::from_str(topic_raw.get()).map_err(|_| Reject::TopicNotString)?;
