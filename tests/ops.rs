@@ -543,6 +543,44 @@ fn decommission_check_refuses_an_empty_window() {
     }
 }
 
+/// A Node program driving legacy clients (`process.argv[1]` is the bridge's
+/// URL), stopped when dropped. `first_line` is the first line it printed,
+/// once its clients had done their part.
+struct NodeScript {
+    child: std::process::Child,
+    first_line: String,
+}
+
+impl NodeScript {
+    fn run(script: &str, url: &str) -> NodeScript {
+        let mut child = Command::new("node")
+            .arg("-e")
+            .arg(script)
+            .arg(url)
+            .env("NODE_PATH", root().join("tests/node/node_modules"))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("node");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        NodeScript {
+            child,
+            first_line: line.trim().to_string(),
+        }
+    }
+}
+
+impl Drop for NodeScript {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A census larger than 10 MiB (here: 25 legacy clients that published on
 /// 1,000 long topics each) is still read, and credentials in --admin-url are
 /// not repeated in the report or in an error.
@@ -569,22 +607,9 @@ const one = (c) => new Promise((resolve, reject) => {
   console.log('done');
 })().catch((e) => { console.error(e.message); process.exit(1); });
 "#;
-    let mut child = Command::new("node")
-        .arg("-e")
-        .arg(script)
-        .arg(bridge.url())
-        .env("NODE_PATH", root().join("tests/node/node_modules"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("node");
     // The clients stay connected (the census lists them) until the end.
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "done");
+    let clients = NodeScript::run(script, &bridge.url());
+    assert_eq!(clients.first_line, "done");
     let census_len = ureq::get(&format!(
         "http://127.0.0.1:{}/api/census",
         bridge.admin_port
@@ -623,8 +648,6 @@ const one = (c) => new Promise((resolve, reject) => {
         out.contains("http://***@127.0.0.1:") && !out.contains("pw5ecret"),
         "{out}"
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// A client publishing on ever new topics costs bounded memory: its census
@@ -646,21 +669,8 @@ s.on('connect', async () => {
 });
 s.on('connect_error', (e) => { console.error(e.message); process.exit(1); });
 "#;
-    let mut child = Command::new("node")
-        .arg("-e")
-        .arg(script)
-        .arg(bridge.url())
-        .env("NODE_PATH", root().join("tests/node/node_modules"))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("node");
-    let mut id = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut id,
-    )
-    .unwrap();
-    let id = id.trim();
+    let client = NodeScript::run(script, &bridge.url());
+    let id = client.first_line.as_str();
     let (status, body) = bridge.admin("/api/census");
     assert_eq!(status, 200);
     let census: Value = serde_json::from_str(&body).unwrap();
@@ -690,8 +700,6 @@ s.on('connect_error', (e) => { console.error(e.message); process.exit(1); });
         "{}",
         &out[..out.len().min(3000)]
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 // ------------------------------------------------------------------ prune-check
