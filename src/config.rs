@@ -463,18 +463,23 @@ fn not_a_file(path: &Path) -> String {
     }
 }
 
+/// The keys holding secrets ([`Secret`] values); every key of the
+/// `attach.headers` table is one too.
+const SECRET_KEYS: [&str; 4] = [
+    "nats.token",
+    "nats.password",
+    "nats.nkey_seed",
+    "attach.auth_token",
+];
+const SECRET_TABLE: &str = "attach.headers";
+
 /// Keys whose environment variable is a plain string, never parsed: the
 /// credentials (and the user name that goes with a password).
 fn literal_env_key(key: &str) -> bool {
-    const KEYS: [&str; 5] = [
-        "nats.token",
-        "nats.user",
-        "nats.password",
-        "nats.nkey_seed",
-        "attach.auth_token",
-    ];
     let key = key.to_ascii_lowercase();
-    KEYS.contains(&key.as_str()) || key.starts_with("attach.headers.")
+    key == "nats.user"
+        || SECRET_KEYS.contains(&key.as_str())
+        || key.starts_with(&format!("{SECRET_TABLE}."))
 }
 
 /// A parse error without the excerpt of the file that the TOML parser
@@ -631,17 +636,13 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigErrors> {
 /// (`TRADEFEED_BRIDGE_ATTACH__HEADERS='{X-Api-Key="..."'`), secret included.
 fn kind_text(path: &[String], kind: &figment::error::Kind) -> String {
     use figment::error::{Actual, Kind};
-    const SECRETS: [[&str; 2]; 5] = [
-        ["nats", "token"],
-        ["nats", "password"],
-        ["nats", "nkey_seed"],
-        ["attach", "auth_token"],
-        ["attach", "headers"],
-    ];
-    let holds_secret = SECRETS
+    // A secret itself, a table holding one, or inside the secret table.
+    let key = path.join(".");
+    let holds_secret = SECRET_KEYS
         .iter()
-        .any(|s| path.len() <= s.len() && path.iter().zip(s).all(|(a, b)| a == b))
-        || path.starts_with(&["attach".to_string(), "headers".to_string()]);
+        .chain([&SECRET_TABLE])
+        .any(|s| *s == key || s.starts_with(&format!("{key}.")))
+        || key.starts_with(&format!("{SECRET_TABLE}."));
     match kind {
         Kind::InvalidType(Actual::Str(_), expected)
         | Kind::InvalidValue(Actual::Str(_), expected)
