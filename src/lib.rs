@@ -17,3 +17,4 @@ pub mod prune;
 pub mod route;
 pub mod server;
 pub mod telemetry;
+pub mod upgrade_guard;

@@ -27,6 +27,7 @@ use crate::bridge::{reply, Bridge, ClientInfo, RoomCounts, CATCH_ALL};
 use crate::envelope::{self, EnvelopeOut, Field, Reject};
 use crate::route::Delivery;
 use crate::telemetry::{self, TO_NATS, TO_SOCKETIO};
+use crate::upgrade_guard::UpgradeGuard;
 
 /// Builds the Socket.IO service and the HTTP app that serves it.
 pub fn build(bridge: &Arc<Bridge>) -> (Router, SocketIo) {
@@ -54,6 +55,7 @@ pub fn build(bridge: &Arc<Bridge>) -> (Router, SocketIo) {
         Some(Arc::new(cfg.cors_origins.clone()))
     };
     let cors = cors_layer(&cfg.cors_origins, cfg.cors_credentials);
+    let guard = Arc::new(UpgradeGuard::default());
 
     let sio = tower::ServiceBuilder::new()
         .layer(cors)
@@ -82,6 +84,11 @@ pub fn build(bridge: &Arc<Bridge>) -> (Router, SocketIo) {
                     detach_from_read_buffer(&mut req);
                     Ok::<_, Infallible>(req)
                 }
+            },
+        ))
+        .layer(axum::middleware::from_fn(
+            move |req: Request<axum::body::Body>, next: axum::middleware::Next| {
+                guard.clone().run(req, next)
             },
         ))
         .layer(layer)
