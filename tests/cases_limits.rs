@@ -891,8 +891,12 @@ fn b23_emit_right_after_connect() {
         for e in its {
             assert_eq!(e["ack"], json!([{"ok": true}]), "{lang}: {e}");
         }
+        // Waiting on NATS here would mean waiting for a server that stays
+        // down for the whole phase (the iteration's 20 s timeout): a bound
+        // far above the machine's own delays proves it, where the delayed
+        // link's round trip (the main run's bound) fails on a loaded machine.
         let (p50, _, _) = spread(its, "connectMs");
-        assert!(p50 < rtt, "{lang}: CONNECT took {p50} ms with NATS down");
+        assert!(p50 < 2000, "{lang}: CONNECT took {p50} ms with NATS down");
     }
     let want = once_each(DOWN);
     assert_tally(
