@@ -134,6 +134,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     tracing::info!("shutting down: refusing new clients, draining in-flight messages");
     bridge.shutting_down.store(true, Ordering::Relaxed);
+    bridge.release_held();
     let _ = stop_tx.send(true);
     // Legacy clients are not sent a WebSocket close frame: io.socket (the
     // Java client TraderX uses) does not notice one until its ping timeout

@@ -200,6 +200,30 @@ pub struct Bridge {
     legacy_consumers: Vec<AtomicBool>,
     /// Woken when the NATS connection is (re-)established.
     pub nats_up: tokio::sync::Notify,
+    /// Server mode, per route: whether this bridge is in the route's queue
+    /// group, and the legacy publishes held while it joins.
+    queue_join: Vec<Mutex<QueueJoin>>,
+}
+
+/// Where a point-to-point route's queue member stands (server mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueMembership {
+    /// In the group, as the server has confirmed: legacy consumers get
+    /// their share.
+    Joined,
+    /// Out of the group: no legacy consumer, or leaving, or joining.
+    Out,
+    /// Joining failed; nothing is held until a membership change retries.
+    Failed,
+}
+
+/// Most legacy publishes held for one route while its queue member joins.
+/// Past it they go to NATS at once, where the group may have no member.
+const MAX_HELD_WHILE_JOINING: usize = 10_000;
+
+struct QueueJoin {
+    state: QueueMembership,
+    held: Vec<Outbound>,
 }
 
 impl Bridge {
@@ -211,6 +235,7 @@ impl Bridge {
             config.instance_id.clone()
         };
         let (tx, rx) = mpsc::channel(config.nats.publish_queue);
+        let routes_len = routes.routes().len();
         let metrics = Metrics::new(&routes, &config, &instance_id);
         let route_types = routes
             .routes()
@@ -253,6 +278,14 @@ impl Bridge {
             attach: OnceLock::new(),
             legacy_consumers,
             nats_up: tokio::sync::Notify::new(),
+            queue_join: (0..routes_len)
+                .map(|_| {
+                    Mutex::new(QueueJoin {
+                        state: QueueMembership::Out,
+                        held: Vec::new(),
+                    })
+                })
+                .collect(),
         })
     }
 
@@ -483,6 +516,85 @@ impl Bridge {
             ack: None,
             reply: None,
         })
+    }
+
+    /// Hands a legacy publish on a point-to-point route to NATS, unless the
+    /// route's legacy room has members (`room_members`, counted under
+    /// `Bridge::rooms`) and this bridge is not yet in the queue group for
+    /// them: a consumer that just subscribed would otherwise miss an order
+    /// published in the round trip its bridge needs to join (the group
+    /// would have no member: NATS answers "no responders", or, when some
+    /// plain subscriber watches the subject, nothing at all). Such a publish
+    /// is held, in order, until the join is confirmed or fails.
+    pub fn enqueue_point_to_point(&self, room_members: usize, out: Outbound) -> bool {
+        let route = out.route;
+        let mut join = self.queue_join[route]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let hold = join.state == QueueMembership::Out
+            && room_members > 0
+            && self.legacy_consumers(route)
+            && !self.shutting_down.load(Ordering::Relaxed)
+            && join.held.len() < MAX_HELD_WHILE_JOINING;
+        if hold {
+            join.held.push(out);
+            return true;
+        }
+        drop(join);
+        self.enqueue(out)
+    }
+
+    /// Records where the route's queue member stands, and sends what was
+    /// held while it joined (also when the join failed: then NATS decides,
+    /// and an order nobody takes is counted as undeliverable). Sent under
+    /// the lock, so the held messages go before any later publish.
+    pub fn set_queue_membership(&self, route: usize, state: QueueMembership) {
+        let mut join = self.queue_join[route]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        join.state = state;
+        for out in std::mem::take(&mut join.held) {
+            self.enqueue(out);
+        }
+    }
+
+    /// Marks the route's queue member as leaving, unless a legacy consumer
+    /// joined the room since the member decided to leave: a publish that
+    /// consumer made while the member still counted as joined went to NATS
+    /// at once, and would find the group empty once the member is gone. The
+    /// room is counted under the lock that publishes check, so every later
+    /// publish of a new consumer is held instead.
+    pub fn leave_queue_membership(&self, route: usize, topic: &str) -> bool {
+        let mut join = self.queue_join[route]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let members = self
+            .rooms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .members(topic);
+        if members > 0
+            && self.legacy_consumers(route)
+            && !self.shutting_down.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        join.state = QueueMembership::Out;
+        for out in std::mem::take(&mut join.held) {
+            self.enqueue(out);
+        }
+        true
+    }
+
+    /// At shutdown: sends every held publish to NATS, so the drain that
+    /// follows covers them (nothing is held once `shutting_down` is set).
+    pub fn release_held(&self) {
+        for join in &self.queue_join {
+            let mut join = join.lock().unwrap_or_else(|e| e.into_inner());
+            for out in std::mem::take(&mut join.held) {
+                self.enqueue(out);
+            }
+        }
     }
 
     /// Hands a prepared message to the NATS publisher task, in order. A full

@@ -520,6 +520,64 @@ pub fn backoff(attempts: usize, max: Duration) -> Duration {
     capped.mul_f64(rand::rng().random_range(0.5..=1.0))
 }
 
+/// Proof that the server has processed what a connection sent before:
+/// `Client::flush` only writes it to the socket, and a message the bridge
+/// then publishes on another connection can reach the server first (seen
+/// with a queue subscription: an order published right after the member's
+/// "flushed" join found the group empty). The connection publishes a token
+/// to a subject only it subscribes to and waits for its own copy: the
+/// server handles one connection's operations in order, so once the copy
+/// is back, everything sent before it is in place. Needs a connection that
+/// receives its own messages (not `no_echo`).
+pub struct Confirmation {
+    subject: String,
+    sub: Option<async_nats::Subscriber>,
+    sent: u64,
+}
+
+impl Confirmation {
+    pub async fn open(client: &async_nats::Client, subject: String) -> Confirmation {
+        let sub = match client.subscribe(subject.clone()).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(%subject, "cannot subscribe for confirmations: {e}");
+                None
+            }
+        };
+        Confirmation {
+            subject,
+            sub,
+            sent: 0,
+        }
+    }
+
+    /// `true` once the server has confirmed, `false` after 5 s or when the
+    /// confirmation cannot be sent.
+    pub async fn confirm(&mut self, client: &async_nats::Client) -> bool {
+        let Some(sub) = self.sub.as_mut() else {
+            return false;
+        };
+        self.sent += 1;
+        let token = bytes::Bytes::from(self.sent.to_string());
+        if client
+            .publish(self.subject.clone(), token.clone())
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, sub.next()).await {
+                Ok(Some(m)) if m.payload == token => return true,
+                // an earlier token that came back after its wait gave up
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => return false,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -23,7 +23,7 @@ use socketioxide::socket::Socket;
 use socketioxide::{BroadcastError, SendError, SocketError, SocketIo, TransportType};
 use tower_http::cors::{AllowHeaders, AllowOrigin, Any, CorsLayer};
 
-use crate::bridge::{reply, Bridge, ClientInfo, RoomCounts, CATCH_ALL};
+use crate::bridge::{reply, Bridge, ClientInfo, QueueMembership, RoomCounts, CATCH_ALL};
 use crate::envelope::{self, EnvelopeOut, Field, Reject};
 use crate::route::Delivery;
 use crate::telemetry::{self, TO_NATS, TO_SOCKETIO};
@@ -500,7 +500,8 @@ fn on_publish(
         if bridge.nats_connected() {
             out.reply = Some(format!("{}.{}", bridge.no_responders_prefix(), m.route));
             out.ack = ack;
-            bridge.enqueue(out);
+            let members = lock(&bridge.rooms).members(&p.topic);
+            bridge.enqueue_point_to_point(members, out);
         } else {
             let n = deliver_to(bridge, io, Audience::Room, name, &p.topic, &env);
             if n > 0 {
@@ -572,6 +573,11 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
     metrics::counter!(telemetry::REQUEUED, "route" => r.name.clone()).increment(0);
     let mut epoch = bridge.membership.subscribe();
     let mut sub: Option<async_nats::Subscriber> = None;
+    let mut joined = crate::nats::Confirmation::open(
+        &qclient,
+        format!("_INBOX.{}.queue-joined.{route}", bridge.instance_id),
+    )
+    .await;
     loop {
         let members = bridge
             .io()
@@ -584,15 +590,22 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                 .await
             {
                 Ok(s) => {
-                    // The server knows the interest once the flush returns.
-                    let _ = qclient.flush().await;
+                    if !joined.confirm(&qclient).await {
+                        tracing::warn!(%subject, "NATS did not confirm the queue subscription within 5 s; counting it as joined");
+                    }
                     sub = Some(s);
                     member.set(1.0);
+                    bridge.set_queue_membership(route, QueueMembership::Joined);
                     tracing::info!(%subject, %group, members, "joined the queue group for legacy consumers");
                 }
-                Err(e) => tracing::warn!(%subject, "cannot join the queue group: {e}"),
+                Err(e) => {
+                    bridge.set_queue_membership(route, QueueMembership::Failed);
+                    tracing::warn!(%subject, "cannot join the queue group: {e}");
+                }
             }
-        } else if !want {
+        } else if !want && bridge.leave_queue_membership(route, &topic) {
+            // From here a publish of a consumer that joins the room is held
+            // until the member has joined again.
             if let Some(s) = sub.take() {
                 leave_queue_group(&bridge, &qclient, route, s, None).await;
                 member.set(0.0);
@@ -619,6 +632,7 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                     if !take_queued(&bridge, route, &msg) {
                         // The room emptied before its change was seen here:
                         // leave first, then give the message back.
+                        bridge.set_queue_membership(route, QueueMembership::Out);
                         if let Some(s) = sub.take() {
                             leave_queue_group(&bridge, &qclient, route, s, Some(msg)).await;
                             member.set(0.0);
@@ -627,6 +641,7 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                     }
                 }
                 None => {
+                    bridge.set_queue_membership(route, QueueMembership::Out);
                     sub = None;
                     member.set(0.0);
                 }

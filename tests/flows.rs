@@ -188,3 +188,56 @@ fn acks_hold_while_a_nats_client_watches_every_subject() {
         bridge.log()
     );
 }
+
+/// A legacy processor that subscribes to `/trades` gets an order published
+/// right after its subscription, before the bridge could join the queue
+/// group on its behalf: the bridge holds the order until it has joined,
+/// instead of publishing it to a group with no member (NATS would answer
+/// "no responders" and the order would be counted undeliverable). Each
+/// round starts with an empty room (the previous client has left and the
+/// bridge has left the group), so every round crosses that window.
+#[test]
+fn an_order_right_after_the_first_legacy_consumer_subscribes_is_delivered() {
+    const ROUNDS: usize = 25;
+    let nats = Nats::start();
+    let bridge = Bridge::start(&nats);
+    let watcher = Agent::nats(Lang::Node);
+    watcher.nats_connect(&nats.url());
+    watcher.sub("t", "trades.new");
+    let client = Agent::sio(Lang::Node);
+    // each round: connect, subscribe to /trades and publish an order at
+    // once, wait for the join notice, the ack and the order back from the
+    // room, disconnect
+    client.cmd(
+        json!({"cmd": "iterate", "url": bridge.url(), "topic": "/trades",
+        "type": "TradeOrder", "payload": {"lang": "js"}, "count": ROUNDS,
+        "concurrency": 1, "ack": true, "transports": ["websocket"], "timeoutMs": 5000}),
+    );
+    let end = client.expect("iterated", WAIT * 4, |e| e["ev"] == "iterated");
+    let rounds = client.drain(std::time::Duration::ZERO, |e| e["ev"] == "iteration");
+    let failed: Vec<_> = rounds.iter().filter(|e| e.get("error").is_some()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {ROUNDS} rounds failed: {failed:#?}\n{}",
+        failed.len(),
+        bridge.log()
+    );
+    assert_eq!(end["failed"], 0, "{end}");
+    assert_eq!(rounds.len(), ROUNDS);
+    for e in &rounds {
+        assert_eq!(e["ack"], json!([{"ok": true}]), "{e}");
+    }
+    // each order crossed NATS once
+    let mut seen: Vec<u64> = watcher
+        .msgs("t", SHORT)
+        .iter()
+        .map(|m| body(m)["payload"]["i"].as_u64().unwrap())
+        .collect();
+    seen.sort();
+    assert_eq!(seen, (0..ROUNDS as u64).collect::<Vec<_>>());
+    let undeliverable = bridge.metric(
+        "tradefeed_bridge_messages_dropped_total",
+        &[("route", "trade-orders"), ("reason", "undeliverable")],
+    );
+    assert_eq!(undeliverable, 0.0, "{}", bridge.log());
+}

@@ -119,8 +119,8 @@ pub(super) async fn subscribe_nats(
 /// trade-feed; what it is given goes to trade-feed. On leaving the group it
 /// gives back what it was handed and had not sent.
 ///
-/// `tradefeed_bridge_queue_member{route}` is 1 from the moment the NATS
-/// server knows the membership. After leaving it turns 0 only once the
+/// `tradefeed_bridge_queue_member{route}` is 1 once the subscription has
+/// been written to the NATS server (not confirmed by it: see below). After leaving it turns 0 only once the
 /// subscription is drained (what the server had already sent is given back,
 /// not dropped) and every order already handed to trade-feed has come back
 /// from it (its echo), i.e. trade-feed has given it to its room: a legacy
@@ -146,6 +146,12 @@ pub(super) async fn run_queue_member(
         if want && sub.is_none() {
             match client.queue_subscribe(subject.clone(), group.clone()).await {
                 Ok(s) => {
+                    // Known shortcoming: flush() only writes the subscription
+                    // out, it does not wait for the server to have it (this
+                    // connection is no_echo, so server mode's confirmation by
+                    // its own message cannot be used). An order the bridge
+                    // publishes in that round trip can still find the group
+                    // without this member.
                     let _ = client.flush().await;
                     sub = Some(s);
                     member.set(1.0);
