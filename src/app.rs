@@ -112,7 +112,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             tokio::spawn(server::watch_idle_clients(bridge.clone()));
         }
         Mode::Attach => {
-            crate::attach::start(bridge.clone(), client.clone()).await?;
+            let qclient = if bridge.routes.queue_routes().next().is_some() {
+                Some(nats::connect_queue_member(&bridge.config.nats, &bridge, &give_up).await?)
+            } else {
+                None
+            };
+            crate::attach::start(bridge.clone(), client.clone(), qclient).await?;
         }
     }
 

@@ -405,7 +405,14 @@ fn publish_arg(topic: &str, kind: &RawValue, payload: Option<&RawValue>) -> Stri
 
 /// Starts attach mode: the lease, the NATS subscriptions, the queue-group
 /// members of point-to-point routes, and the connection to trade-feed.
-pub async fn start(bridge: Arc<Bridge>, client: async_nats::Client) -> anyhow::Result<Arc<Attach>> {
+///
+/// `qclient`, the queue-member connection (it receives its own messages),
+/// is given when the routes have a point-to-point route.
+pub async fn start(
+    bridge: Arc<Bridge>,
+    client: async_nats::Client,
+    qclient: Option<async_nats::Client>,
+) -> anyhow::Result<Arc<Attach>> {
     let attach = Attach::new(bridge.clone());
     bridge.set_attach(attach.clone());
     if bridge.config.attach.lease {
@@ -415,8 +422,12 @@ pub async fn start(bridge: Arc<Bridge>, client: async_nats::Client) -> anyhow::R
         tracing::info!("attach.lease = false: mirroring without a lease");
     }
     nats_side::subscribe_nats(&attach, &client).await?;
-    if bridge.routes.queue_routes().next().is_some() {
+    if let Some(qclient) = qclient {
         crate::server::watch_no_responders(bridge.clone(), client.clone()).await?;
+        // Orders given back to the group are published on the member's
+        // connection, and the server answers "no responders" only to the
+        // connection that published.
+        crate::server::watch_no_responders(bridge.clone(), qclient.clone()).await?;
         let routes: Vec<usize> = bridge
             .routes
             .queue_routes()
@@ -426,7 +437,7 @@ pub async fn start(bridge: Arc<Bridge>, client: async_nats::Client) -> anyhow::R
         for route in routes {
             tokio::spawn(nats_side::run_queue_member(
                 attach.clone(),
-                client.clone(),
+                qclient.clone(),
                 route,
             ));
         }

@@ -119,8 +119,9 @@ pub(super) async fn subscribe_nats(
 /// trade-feed; what it is given goes to trade-feed. On leaving the group it
 /// gives back what it was handed and had not sent.
 ///
-/// `tradefeed_bridge_queue_member{route}` is 1 once the subscription has
-/// been written to the NATS server (not confirmed by it: see below). After leaving it turns 0 only once the
+/// `tradefeed_bridge_queue_member{route}` is 1 from the moment the NATS
+/// server has confirmed the membership (`client` is the queue-member
+/// connection, which receives its own messages: see `nats::Confirmation`). After leaving it turns 0 only once the
 /// subscription is drained (what the server had already sent is given back,
 /// not dropped) and every order already handed to trade-feed has come back
 /// from it (its echo), i.e. trade-feed has given it to its room: a legacy
@@ -138,6 +139,11 @@ pub(super) async fn run_queue_member(
     metrics::counter!(telemetry::REQUEUED, "route" => r.name.clone()).increment(0);
     let mut epoch = attach.bridge.membership.subscribe();
     let mut sub: Option<async_nats::Subscriber> = None;
+    let mut joined = crate::nats::Confirmation::open(
+        &client,
+        format!("_INBOX.{}.queue-joined.{route}", attach.bridge.instance_id),
+    )
+    .await;
     loop {
         let want = attach.is_active()
             && attach.attached.load(Ordering::Relaxed)
@@ -146,13 +152,9 @@ pub(super) async fn run_queue_member(
         if want && sub.is_none() {
             match client.queue_subscribe(subject.clone(), group.clone()).await {
                 Ok(s) => {
-                    // Known shortcoming: flush() only writes the subscription
-                    // out, it does not wait for the server to have it (this
-                    // connection is no_echo, so server mode's confirmation by
-                    // its own message cannot be used). An order the bridge
-                    // publishes in that round trip can still find the group
-                    // without this member.
-                    let _ = client.flush().await;
+                    if !joined.confirm(&client).await {
+                        tracing::warn!(%subject, "NATS did not confirm the queue subscription within 5 s; counting it as joined");
+                    }
                     sub = Some(s);
                     member.set(1.0);
                     tracing::info!(%subject, %group, "joined the queue group for trade-feed's consumers");
@@ -174,7 +176,7 @@ pub(super) async fn run_queue_member(
                 }
             }
             msg = next_queued(&mut sub) => match msg {
-                Some(msg) => attach.take_queued(msg, route).await,
+                Some(msg) => attach.take_queued(&client, msg, route).await,
                 None => {
                     sub = None;
                     member.set(0.0);
@@ -236,11 +238,14 @@ async fn settled_on_trade_feed(attach: &Attach, route: usize) {
 
 impl Attach {
     /// An order the queue group gave this bridge for trade-feed's consumers.
-    async fn take_queued(&self, msg: async_nats::Message, route: usize) {
+    async fn take_queued(
+        &self,
+        client: &async_nats::Client,
+        msg: async_nats::Message,
+        route: usize,
+    ) {
         if !self.is_active() {
-            if let Some(client) = self.bridge.nats() {
-                crate::server::requeue(&self.bridge, client, route, msg).await;
-            }
+            crate::server::requeue(&self.bridge, client, route, msg).await;
             return;
         }
         let mut pending = None;
