@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
@@ -528,9 +528,7 @@ impl Bridge {
     /// is held, in order, until the join is confirmed or fails.
     pub fn enqueue_point_to_point(&self, room_members: usize, out: Outbound) -> bool {
         let route = out.route;
-        let mut join = self.queue_join[route]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut join = self.queue_join(route);
         let hold = join.state == QueueMembership::Out
             && room_members > 0
             && self.legacy_consumers(route)
@@ -549,13 +547,9 @@ impl Bridge {
     /// and an order nobody takes is counted as undeliverable). Sent under
     /// the lock, so the held messages go before any later publish.
     pub fn set_queue_membership(&self, route: usize, state: QueueMembership) {
-        let mut join = self.queue_join[route]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut join = self.queue_join(route);
         join.state = state;
-        for out in std::mem::take(&mut join.held) {
-            self.enqueue(out);
-        }
+        self.send_held(&mut join);
     }
 
     /// Marks the route's queue member as leaving, unless a legacy consumer
@@ -565,9 +559,7 @@ impl Bridge {
     /// room is counted under the lock that publishes check, so every later
     /// publish of a new consumer is held instead.
     pub fn leave_queue_membership(&self, route: usize, topic: &str) -> bool {
-        let mut join = self.queue_join[route]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut join = self.queue_join(route);
         let members = self
             .rooms
             .lock()
@@ -580,20 +572,28 @@ impl Bridge {
             return false;
         }
         join.state = QueueMembership::Out;
-        for out in std::mem::take(&mut join.held) {
-            self.enqueue(out);
-        }
+        self.send_held(&mut join);
         true
     }
 
     /// At shutdown: sends every held publish to NATS, so the drain that
     /// follows covers them (nothing is held once `shutting_down` is set).
     pub fn release_held(&self) {
-        for join in &self.queue_join {
-            let mut join = join.lock().unwrap_or_else(|e| e.into_inner());
-            for out in std::mem::take(&mut join.held) {
-                self.enqueue(out);
-            }
+        for route in 0..self.queue_join.len() {
+            self.send_held(&mut self.queue_join(route));
+        }
+    }
+
+    fn queue_join(&self, route: usize) -> MutexGuard<'_, QueueJoin> {
+        self.queue_join[route]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends the held publishes, in order, under the caller's lock.
+    fn send_held(&self, join: &mut QueueJoin) {
+        for out in std::mem::take(&mut join.held) {
+            self.enqueue(out);
         }
     }
 
