@@ -5,6 +5,23 @@ use clap::{Parser, Subcommand};
 
 use tradefeed_bridge::config;
 
+/// `eprint!` that does not panic when standard error is closed (`2>&-`):
+/// the exit code still gives the verdict.
+macro_rules! report {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that does not panic when standard error is closed.
+macro_rules! reportln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Runs in place of TraderX's trade-feed (server mode) or beside it (attach
 /// mode) and mirrors its Socket.IO topics to NATS subjects and back.
 #[derive(Parser)]
@@ -126,7 +143,7 @@ fn decommission_check(admin_url: &str, quiet_for: std::time::Duration) -> ExitCo
             }
         }
         Err(e) => {
-            eprintln!("decommission-check: cannot check: {e}");
+            reportln!("decommission-check: cannot check: {e}");
             ExitCode::from(2)
         }
     }
@@ -149,7 +166,7 @@ fn prune_check(path: &std::path::Path, exclude: &[PathBuf]) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("prune-check: {e}");
+            reportln!("prune-check: {e}");
             ExitCode::from(2)
         }
     }
@@ -161,7 +178,7 @@ fn probe(path: &std::path::Path, url: Option<String>) -> ExitCode {
         None => match config::load(path, false) {
             Ok(c) => tradefeed_bridge::probe::readyz_url(&c.admin.listen),
             Err(e) => {
-                eprint!("{}: {e}", path.display());
+                report!("{}: {e}", path.display());
                 return ExitCode::from(2);
             }
         },
@@ -169,7 +186,7 @@ fn probe(path: &std::path::Path, url: Option<String>) -> ExitCode {
     match tradefeed_bridge::probe::probe(&url) {
         Ok(_) => ExitCode::SUCCESS,
         Err(why) => {
-            eprintln!("not ready: {why}");
+            reportln!("not ready: {why}");
             ExitCode::FAILURE
         }
     }
@@ -192,7 +209,7 @@ fn check_config(path: &std::path::Path, show: bool) -> ExitCode {
                         text.push_str(&effective);
                     }
                     Err(e) => {
-                        eprintln!("cannot print the configuration: {e}");
+                        reportln!("cannot print the configuration: {e}");
                         return ExitCode::FAILURE;
                     }
                 }
@@ -204,7 +221,7 @@ fn check_config(path: &std::path::Path, show: bool) -> ExitCode {
             }
         }
         Err(e) => {
-            eprint!("{}: {e}", path.display());
+            report!("{}: {e}", path.display());
             ExitCode::from(2)
         }
     }
@@ -221,7 +238,7 @@ fn emit(text: &str) -> bool {
         Ok(()) => true,
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => true,
         Err(e) => {
-            eprintln!("cannot write to standard output: {e}");
+            reportln!("cannot write to standard output: {e}");
             false
         }
     }
@@ -231,7 +248,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     let cfg = match config::load(path, true) {
         Ok(c) => c,
         Err(e) => {
-            eprint!("{}: {e}", path.display());
+            report!("{}: {e}", path.display());
             return ExitCode::from(2);
         }
     };
@@ -239,7 +256,7 @@ fn run(path: &std::path::Path) -> ExitCode {
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
+            reportln!("cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };

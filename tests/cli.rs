@@ -795,3 +795,30 @@ fn a_closed_standard_output_keeps_the_verdict() {
         assert_eq!(out.status.code(), Some(verdict), "{args:?}: {err}");
     }
 }
+
+/// A reader of standard error that goes away early (`2>&1 | head -1`, a log
+/// shipper that died) does not turn a refusal into a panic: the exit code
+/// still gives the verdict.
+#[test]
+fn a_closed_standard_error_keeps_the_verdict() {
+    let missing = root().join("tests/fixtures/no-such-config.toml");
+    let mut child = std::process::Command::new(bridge_bin())
+        .arg("--config")
+        .arg(&missing)
+        .arg("check-config")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bridge binary");
+    // Closed before the child can have written anything.
+    drop(child.stderr.take());
+    let out = child.wait_with_output().expect("bridge binary");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
