@@ -213,6 +213,10 @@ pub enum QueueMembership {
     Joined,
     /// Out of the group: no legacy consumer, or leaving, or joining.
     Out,
+    /// Subscribed, but the queue-member connection was lost since the server
+    /// last confirmed it: the client subscribes again when it reconnects,
+    /// and until the server confirms that, the group may have no member.
+    Rejoining,
     /// Joining failed; nothing is held until a membership change retries.
     Failed,
 }
@@ -529,8 +533,10 @@ impl Bridge {
     pub fn enqueue_point_to_point(&self, room_members: usize, out: Outbound) -> bool {
         let route = out.route;
         let mut join = self.queue_join(route);
-        let hold = join.state == QueueMembership::Out
-            && room_members > 0
+        let hold = matches!(
+            join.state,
+            QueueMembership::Out | QueueMembership::Rejoining
+        ) && room_members > 0
             && self.legacy_consumers(route)
             && !self.shutting_down.load(Ordering::Relaxed)
             && join.held.len() < MAX_HELD_WHILE_JOINING;
@@ -550,6 +556,24 @@ impl Bridge {
         let mut join = self.queue_join(route);
         join.state = state;
         self.send_held(&mut join);
+    }
+
+    /// The queue-member connection is down: every route whose member was in
+    /// the group holds its legacy publishes again until its member has
+    /// confirmed the subscription on the new connection. The members are
+    /// woken to do so.
+    pub fn queue_link_lost(&self) {
+        for route in 0..self.queue_join.len() {
+            let mut join = self.queue_join(route);
+            if join.state == QueueMembership::Joined {
+                join.state = QueueMembership::Rejoining;
+            }
+        }
+        self.membership_changed();
+    }
+
+    pub fn queue_membership(&self, route: usize) -> QueueMembership {
+        self.queue_join(route).state
     }
 
     /// Marks the route's queue member as leaving, unless a legacy consumer

@@ -96,7 +96,6 @@ async fn connect_as(
     give_up: &GiveUp,
     kind: Kind,
 ) -> anyhow::Result<async_nats::Client> {
-    let primary = kind == Kind::Primary;
     let mut opts = match (&cfg.credentials_file, &cfg.nkey_seed, &cfg.token, &cfg.user) {
         (Some(path), _, _, _) => ConnectOptions::with_credentials_file(path)
             .await
@@ -165,7 +164,7 @@ async fn connect_as(
             let dialer = events.clone();
             let give_up = give_up.clone();
             async move {
-                dialer.on_event(&bridge, primary, event, max_reconnects, &give_up);
+                dialer.on_event(&bridge, kind, event, max_reconnects, &give_up);
             }
         });
     let servers: Vec<ServerAddr> = cfg
@@ -279,12 +278,13 @@ impl Dialer {
     fn on_event(
         &self,
         bridge: &Bridge,
-        primary: bool,
+        kind: Kind,
         event: Event,
         max_reconnects: usize,
         give_up: &GiveUp,
     ) {
         let label = self.label;
+        let primary = kind == Kind::Primary;
         match event {
             Event::Connected => {
                 let server = self.current();
@@ -306,10 +306,17 @@ impl Dialer {
                     }
                 }
                 tracing::info!(%server, auth = %self.auth, "{label} connected to {server}");
+                if kind == Kind::QueueMember {
+                    // The members confirm their subscriptions again.
+                    bridge.membership_changed();
+                }
             }
             Event::Disconnected => {
                 if primary {
                     bridge.metrics.nats_connected.set(0.0);
+                }
+                if kind == Kind::QueueMember {
+                    bridge.queue_link_lost();
                 }
                 let server = self.current();
                 tracing::warn!(%server, "{label} disconnected from {server}; reconnecting");

@@ -557,6 +557,10 @@ fn is_queue(bridge: &Bridge, mapped: &Option<crate::route::Mapped>) -> bool {
 ///   counted in `tradefeed_bridge_messages_requeued_total`), published on the
 ///   queue connection after its unsubscribe, so that the server cannot hand
 ///   them back to this bridge.
+/// - When the queue-member connection drops, the member is `Rejoining`:
+///   legacy publishes are held again until the member has confirmed its
+///   subscription on the new connection (the client subscribes again by
+///   itself, before anything the member sends after the reconnect).
 /// - A message is handed to the room and a consumer joins or leaves under one
 ///   lock (`Bridge::rooms`, taken by `deliver_to`): a consumer that
 ///   unsubscribes gets every message handed to it before its own leave
@@ -590,18 +594,26 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                 .await
             {
                 Ok(s) => {
-                    if !joined.confirm(&qclient).await {
-                        tracing::warn!(%subject, "NATS did not confirm the queue subscription within 5 s; counting it as joined");
-                    }
                     sub = Some(s);
-                    member.set(1.0);
-                    bridge.set_queue_membership(route, QueueMembership::Joined);
+                    let state = confirm_member(&qclient, &mut joined, &subject).await;
+                    member.set(f64::from(state == QueueMembership::Joined));
+                    bridge.set_queue_membership(route, state);
                     tracing::info!(%subject, %group, members, "joined the queue group for legacy consumers");
                 }
                 Err(e) => {
                     bridge.set_queue_membership(route, QueueMembership::Failed);
                     tracing::warn!(%subject, "cannot join the queue group: {e}");
                 }
+            }
+        } else if want && bridge.queue_membership(route) == QueueMembership::Rejoining {
+            member.set(0.0);
+            if qclient.connection_state() == async_nats::connection::State::Connected {
+                let state = confirm_member(&qclient, &mut joined, &subject).await;
+                if state == QueueMembership::Joined {
+                    member.set(1.0);
+                    tracing::info!(%subject, %group, "the queue group has this bridge again after the NATS reconnect");
+                }
+                bridge.set_queue_membership(route, state);
             }
         } else if !want && bridge.leave_queue_membership(route, &topic) {
             // From here a publish of a consumer that joins the room is held
@@ -616,12 +628,17 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                 }
             }
         }
+        let rejoining =
+            sub.is_some() && bridge.queue_membership(route) == QueueMembership::Rejoining;
         tokio::select! {
             changed = epoch.changed() => {
                 if changed.is_err() {
                     return;
                 }
             }
+            // A reconnect is announced by an event; this retries a
+            // confirmation that the connection lost again meanwhile.
+            _ = tokio::time::sleep(REJOIN_RETRY), if rejoining => {}
             msg = async {
                 match sub.as_mut() {
                     Some(s) => s.next().await,
@@ -648,6 +665,35 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
             },
         }
     }
+}
+
+/// How often a member whose connection came back retries confirming its
+/// subscription, besides the retry at each reconnect.
+const REJOIN_RETRY: Duration = Duration::from_millis(500);
+
+/// Asks the server to confirm the queue subscription `subject` (made before
+/// the call) and says where the member stands: `Rejoining` when the
+/// queue-member connection is down or was re-established meanwhile (the
+/// confirmation then says nothing of the connection the subscription lives
+/// on now), else `Joined`, also after the 5 s wait gave up on a connection
+/// that stayed up (logged: a subject the bridge may not publish to, say).
+async fn confirm_member(
+    qclient: &async_nats::Client,
+    joined: &mut crate::nats::Confirmation,
+    subject: &str,
+) -> QueueMembership {
+    let up = || qclient.connection_state() == async_nats::connection::State::Connected;
+    let connects = || qclient.statistics().connects.load(Ordering::Relaxed);
+    let before = connects();
+    let confirmed = up() && joined.confirm(qclient).await;
+    if !up() || connects() != before {
+        tracing::info!(%subject, "the queue-member connection is down: orders for legacy consumers are held until it is back and the server has the subscription again");
+        return QueueMembership::Rejoining;
+    }
+    if !confirmed {
+        tracing::warn!(%subject, "NATS did not confirm the queue subscription within 5 s; counting it as joined");
+    }
+    QueueMembership::Joined
 }
 
 /// Leaves the queue group without losing what the server already sent this

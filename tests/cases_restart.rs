@@ -870,3 +870,130 @@ fn ws_client_frames(mut b: &[u8]) -> String {
     }
     String::from_utf8_lossy(&out).into_owned()
 }
+
+// ------------------------------------------------- point-to-point, NATS restart
+
+/// After a NATS restart, from the server's connection list: whether the
+/// bridge's primary connection is back, and whether its queue-member
+/// connection has subscribed to `subject` again.
+fn reconnect_progress(monitor: u16, subject: &str) -> (bool, bool) {
+    let (status, text) = http_get(&format!("http://127.0.0.1:{monitor}/connz?subs=1"));
+    if status != 200 {
+        return (false, false);
+    }
+    let v: Value = serde_json::from_str(&text).expect("connz json");
+    let conns = v["connections"].as_array().cloned().unwrap_or_default();
+    let primary = conns.iter().any(|c| c["name"] == "tradefeed-bridge");
+    let member = conns.iter().any(|c| {
+        c["name"] == "tradefeed-bridge-queue-member"
+            && c["subscriptions_list"]
+                .as_array()
+                .is_some_and(|l| l.iter().any(|s| s == subject))
+    });
+    (primary, member)
+}
+
+/// The bridge's two NATS connections come back from a NATS restart each
+/// with its own back-off. Orders a legacy producer publishes once the
+/// primary connection is back but before the queue-member connection has
+/// subscribed again would find the queue group empty: they still reach the
+/// legacy processor, once each. The test restarts NATS until it has seen
+/// that window twice in the server's connection list, and publishes into it.
+#[test]
+fn point_to_point_orders_sent_while_the_queue_member_reconnects_reach_the_legacy_processor() {
+    const ROUNDS: usize = 10;
+    const BURST: usize = 20;
+    let monitor = free_port();
+    let mut nats = Nats::start_with(&["-m", &monitor.to_string()]);
+    let bridge = Bridge::start(&nats);
+    let processor = Agent::sio(Lang::Node);
+    processor.connect(&bridge.url(), json!({}));
+    processor.subscribe("/trades");
+    let member = [("route", "trade-orders")];
+    assert_eq!(
+        wait_metric(&bridge, "tradefeed_bridge_queue_member", &member, 1.0, WAIT),
+        1.0,
+        "{}",
+        bridge.log()
+    );
+    let service = Agent::sio(Lang::Node);
+    service.connect(&bridge.url(), json!({}));
+
+    let mut sent = Vec::new();
+    let mut windows = 0;
+    for round in 0..ROUNDS {
+        nats.stop();
+        assert_eq!(
+            wait_metric(&bridge, "tradefeed_bridge_nats_connected", &[], 0.0, WAIT),
+            0.0
+        );
+        // Down long enough for the back-off to spread the two connections.
+        thread::sleep(Duration::from_millis(1500));
+        nats.start_again();
+        let deadline = Instant::now() + RECONNECT;
+        let window = loop {
+            match reconnect_progress(monitor, "trades.new") {
+                (_, true) => break false,
+                (true, false) => break true,
+                (false, false) => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the bridge did not reconnect\n{}",
+                bridge.log()
+            );
+            thread::sleep(Duration::from_millis(2));
+        };
+        if window {
+            windows += 1;
+            for i in 0..BURST {
+                let id = format!("R{round}-{i}");
+                service.publish("/trades", "TradeOrder", order(&id));
+                sent.push(id);
+            }
+        }
+        assert_eq!(
+            wait_metric(
+                &bridge,
+                "tradefeed_bridge_queue_member",
+                &member,
+                1.0,
+                RECONNECT
+            ),
+            1.0,
+            "{}",
+            bridge.log()
+        );
+        if windows == 2 {
+            break;
+        }
+    }
+    assert!(
+        windows > 0,
+        "in {ROUNDS} NATS restarts the queue-member connection never came back after the primary one"
+    );
+
+    let got = collect(&processor, sent.len(), Duration::from_secs(30), |env| {
+        env["topic"] == "/trades"
+    });
+    let ids: Vec<String> = got.iter().map(payload_id).collect();
+    let seen = counts(&ids);
+    let missing: Vec<&String> = sent.iter().filter(|id| !seen.contains_key(*id)).collect();
+    let twice: Vec<&String> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    let undeliverable = bridge.metric(
+        "tradefeed_bridge_messages_dropped_total",
+        &[("route", "trade-orders"), ("reason", "undeliverable")],
+    );
+    assert!(
+        missing.is_empty() && twice.is_empty() && ids.len() == sent.len(),
+        "{} of {} orders missing {missing:?}, twice {twice:?}, undeliverable counted {undeliverable}\n{}",
+        missing.len(),
+        sent.len(),
+        bridge.log()
+    );
+    assert_eq!(undeliverable, 0.0);
+}
