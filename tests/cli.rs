@@ -779,14 +779,7 @@ fn a_closed_standard_output_keeps_the_verdict() {
         ),
         (vec!["prune-check", state_005.as_str()], 1),
     ] {
-        let mut child = std::process::Command::new(bridge_bin())
-            .args(&args)
-            .env_remove("RUST_LOG")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("bridge binary");
+        let mut child = spawn_piped(&args);
         // Closed before the child can have written anything.
         drop(child.stdout.take());
         let out = child.wait_with_output().expect("bridge binary");
@@ -802,16 +795,7 @@ fn a_closed_standard_output_keeps_the_verdict() {
 #[test]
 fn a_closed_standard_error_keeps_the_verdict() {
     let missing = root().join("tests/fixtures/no-such-config.toml");
-    let mut child = std::process::Command::new(bridge_bin())
-        .arg("--config")
-        .arg(&missing)
-        .arg("check-config")
-        .env_remove("RUST_LOG")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("bridge binary");
+    let mut child = spawn_piped(&["--config", missing.to_str().unwrap(), "check-config"]);
     // Closed before the child can have written anything.
     drop(child.stderr.take());
     let out = child.wait_with_output().expect("bridge binary");
@@ -821,4 +805,17 @@ fn a_closed_standard_error_keeps_the_verdict() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// The bridge binary with `args`, standard input empty, standard output and
+/// error piped, `RUST_LOG` removed.
+fn spawn_piped(args: &[&str]) -> std::process::Child {
+    std::process::Command::new(bridge_bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("bridge binary")
 }
