@@ -203,6 +203,9 @@ pub struct Bridge {
     /// Server mode, per route: whether this bridge is in the route's queue
     /// group, and the legacy publishes held while it joins.
     queue_join: Vec<Mutex<QueueJoin>>,
+    /// How often the queue-member connection was lost: a member confirmed
+    /// across a loss is not in the group on the new connection.
+    queue_link_losses: AtomicU64,
 }
 
 /// Where a point-to-point route's queue member stands (server mode).
@@ -281,6 +284,7 @@ impl Bridge {
             rooms: Mutex::new(RoomCounts::default()),
             attach: OnceLock::new(),
             legacy_consumers,
+            queue_link_losses: AtomicU64::new(0),
             nats_up: tokio::sync::Notify::new(),
             queue_join: (0..routes_len)
                 .map(|_| {
@@ -523,20 +527,29 @@ impl Bridge {
     }
 
     /// Hands a legacy publish on a point-to-point route to NATS, unless the
-    /// route's legacy room has members (`room_members`, counted under
-    /// `Bridge::rooms`) and this bridge is not yet in the queue group for
+    /// legacy room `topic` has members and this bridge is not yet in the
+    /// route's queue group for
     /// them: a consumer that just subscribed would otherwise miss an order
     /// published in the round trip its bridge needs to join (the group
     /// would have no member: NATS answers "no responders", or, when some
     /// plain subscriber watches the subject, nothing at all). Such a publish
     /// is held, in order, until the join is confirmed or fails.
-    pub fn enqueue_point_to_point(&self, room_members: usize, out: Outbound) -> bool {
+    pub fn enqueue_point_to_point(&self, topic: &str, out: Outbound) -> bool {
         let route = out.route;
         let mut join = self.queue_join(route);
+        // Counted under the join lock, as `leave_queue_membership` does: a
+        // count taken before could be of a consumer whose member has left
+        // since, and nothing would release what it held.
+        let room_members = self
+            .rooms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .members(topic);
         let hold = matches!(
             join.state,
             QueueMembership::Out | QueueMembership::Rejoining
         ) && room_members > 0
+            && self.routes.get(route).direction.to_socketio()
             && self.legacy_consumers(route)
             && !self.shutting_down.load(Ordering::Relaxed)
             && join.held.len() < MAX_HELD_WHILE_JOINING;
@@ -563,6 +576,7 @@ impl Bridge {
     /// confirmed the subscription on the new connection. The members are
     /// woken to do so.
     pub fn queue_link_lost(&self) {
+        self.queue_link_losses.fetch_add(1, Ordering::SeqCst);
         for route in 0..self.queue_join.len() {
             let mut join = self.queue_join(route);
             if join.state == QueueMembership::Joined {
@@ -574,6 +588,26 @@ impl Bridge {
 
     pub fn queue_membership(&self, route: usize) -> QueueMembership {
         self.queue_join(route).state
+    }
+
+    /// The count `queue_link_lost` bumps, read before a confirmation.
+    pub fn queue_link_epoch(&self) -> u64 {
+        self.queue_link_losses.load(Ordering::SeqCst)
+    }
+
+    /// Records a member the server confirmed while the link count read
+    /// `epoch`: `Rejoining` instead of `Joined` if the connection was lost
+    /// since (its loss may have been handled before the member counted as
+    /// joined, and left nothing to downgrade). Returns the state recorded.
+    pub fn confirm_queue_membership(&self, route: usize, epoch: u64) -> QueueMembership {
+        let mut join = self.queue_join(route);
+        join.state = if self.queue_link_epoch() == epoch {
+            QueueMembership::Joined
+        } else {
+            QueueMembership::Rejoining
+        };
+        self.send_held(&mut join);
+        join.state
     }
 
     /// Marks the route's queue member as leaving, unless a legacy consumer

@@ -500,8 +500,7 @@ fn on_publish(
         if bridge.nats_connected() {
             out.reply = Some(format!("{}.{}", bridge.no_responders_prefix(), m.route));
             out.ack = ack;
-            let members = lock(&bridge.rooms).members(&p.topic);
-            bridge.enqueue_point_to_point(members, out);
+            bridge.enqueue_point_to_point(&p.topic, out);
         } else {
             let n = deliver_to(bridge, io, Audience::Room, name, &p.topic, &env);
             if n > 0 {
@@ -583,9 +582,9 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
     )
     .await;
     loop {
-        let members = bridge
-            .io()
-            .map_or(0, |io| io.within(topic.clone()).sockets().len());
+        // socketioxide drops a disconnected socket from its rooms only after
+        // the disconnect handler, which has counted it out here already.
+        let members = lock(&bridge.rooms).members(&topic);
         let declared = bridge.legacy_consumers(route);
         let want = members > 0 && declared && !bridge.shutting_down.load(Ordering::Relaxed);
         if want && sub.is_none() {
@@ -595,9 +594,9 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
             {
                 Ok(s) => {
                     sub = Some(s);
-                    let state = confirm_member(&qclient, &mut joined, &subject).await;
+                    let state =
+                        confirm_member(&bridge, route, &qclient, &mut joined, &subject).await;
                     member.set(f64::from(state == QueueMembership::Joined));
-                    bridge.set_queue_membership(route, state);
                     tracing::info!(%subject, %group, members, "joined the queue group for legacy consumers");
                 }
                 Err(e) => {
@@ -608,12 +607,11 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
         } else if want && bridge.queue_membership(route) == QueueMembership::Rejoining {
             member.set(0.0);
             if qclient.connection_state() == async_nats::connection::State::Connected {
-                let state = confirm_member(&qclient, &mut joined, &subject).await;
+                let state = confirm_member(&bridge, route, &qclient, &mut joined, &subject).await;
                 if state == QueueMembership::Joined {
                     member.set(1.0);
                     tracing::info!(%subject, %group, "the queue group has this bridge again after the NATS reconnect");
                 }
-                bridge.set_queue_membership(route, state);
             }
         } else if !want && bridge.leave_queue_membership(route, &topic) {
             // From here a publish of a consumer that joins the room is held
@@ -648,12 +646,17 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                 Some(msg) => {
                     if !take_queued(&bridge, route, &msg) {
                         // The room emptied before its change was seen here:
-                        // leave first, then give the message back.
-                        bridge.set_queue_membership(route, QueueMembership::Out);
-                        if let Some(s) = sub.take() {
-                            leave_queue_group(&bridge, &qclient, route, s, Some(msg)).await;
-                            member.set(0.0);
-                            tracing::info!(%subject, %group, "left the queue group: its last legacy consumer left");
+                        // leave first, then give the message back; unless a
+                        // consumer joined meanwhile, who may have published
+                        // while the member still counted as joined.
+                        if bridge.leave_queue_membership(route, &topic) {
+                            if let Some(s) = sub.take() {
+                                leave_queue_group(&bridge, &qclient, route, s, Some(msg)).await;
+                                member.set(0.0);
+                                tracing::info!(%subject, %group, "left the queue group: its last legacy consumer left");
+                            }
+                        } else if !take_queued(&bridge, route, &msg) {
+                            requeue(&bridge, &qclient, route, msg).await;
                         }
                     }
                 }
@@ -672,28 +675,31 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
 const REJOIN_RETRY: Duration = Duration::from_millis(500);
 
 /// Asks the server to confirm the queue subscription `subject` (made before
-/// the call) and says where the member stands: `Rejoining` when the
-/// queue-member connection is down or was re-established meanwhile (the
-/// confirmation then says nothing of the connection the subscription lives
-/// on now), else `Joined`, also after the 5 s wait gave up on a connection
-/// that stayed up (logged: a subject the bridge may not publish to, say).
+/// the call), then records where the member stands (which sends what was
+/// held, once `Joined`) and returns it: `Rejoining` when the queue-member
+/// connection is down or was lost meanwhile (the confirmation then says
+/// nothing of the connection the subscription lives on now), else `Joined`,
+/// also after the 5 s wait gave up on a connection that stayed up (logged:
+/// a subject the bridge may not publish to, say).
 async fn confirm_member(
+    bridge: &Bridge,
+    route: usize,
     qclient: &async_nats::Client,
     joined: &mut crate::nats::Confirmation,
     subject: &str,
 ) -> QueueMembership {
     let up = || qclient.connection_state() == async_nats::connection::State::Connected;
-    let connects = || qclient.statistics().connects.load(Ordering::Relaxed);
-    let before = connects();
+    let epoch = bridge.queue_link_epoch();
     let confirmed = up() && joined.confirm(qclient).await;
-    if !up() || connects() != before {
+    if !up() {
+        bridge.set_queue_membership(route, QueueMembership::Rejoining);
         tracing::info!(%subject, "the queue-member connection is down: orders for legacy consumers are held until it is back and the server has the subscription again");
         return QueueMembership::Rejoining;
     }
     if !confirmed {
         tracing::warn!(%subject, "NATS did not confirm the queue subscription within 5 s; counting it as joined");
     }
-    QueueMembership::Joined
+    bridge.confirm_queue_membership(route, epoch)
 }
 
 /// Leaves the queue group without losing what the server already sent this

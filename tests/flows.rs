@@ -241,3 +241,51 @@ fn an_order_right_after_the_first_legacy_consumer_subscribes_is_delivered() {
     );
     assert_eq!(undeliverable, 0.0, "{}", bridge.log());
 }
+
+/// A point-to-point route that only goes to NATS (`direction = "to_nats"`)
+/// has no queue member on the bridge: a legacy order on it goes to the NATS
+/// processor at once, also while a legacy client is subscribed to its topic
+/// (nothing would ever release an order held for a member that never joins).
+#[test]
+fn an_order_on_a_to_nats_point_to_point_route_is_never_held() {
+    let nats = Nats::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("to-nats.toml");
+    let text = std::fs::read_to_string(root().join("config/traderx.toml")).unwrap();
+    let text = text.replacen(
+        "delivery = \"queue\"",
+        "delivery = \"queue\"\ndirection = \"to_nats\"",
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let bridge = Bridge::start_opts(
+        &nats,
+        BridgeOpts {
+            config,
+            ..Default::default()
+        },
+    );
+    let processor = Agent::nats(Lang::Node);
+    processor.nats_connect(&nats.url());
+    processor.queue_sub("q", "trades.new", "trade-processor");
+    let watcher = Agent::sio(Lang::Node);
+    watcher.connect(&bridge.url(), json!({}));
+    watcher.subscribe("/trades");
+    let service = Agent::sio(Lang::Node);
+    service.connect(&bridge.url(), json!({}));
+    std::thread::sleep(SHORT);
+    let started = std::time::Instant::now();
+    let ack = service.emit_ack(
+        "publish",
+        json!([{"topic": "/trades", "type": "TradeOrder", "payload": order("T-1")}]),
+    );
+    assert_eq!(
+        ack["args"][0],
+        json!({"ok": true}),
+        "{ack}\n{}",
+        bridge.log()
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    let m = processor.next_msg("q", WAIT);
+    assert_eq!(body(&m)["payload"]["id"], "T-1");
+}
