@@ -206,6 +206,63 @@ pub struct Bridge {
     /// How often the queue-member connection was lost: a member confirmed
     /// across a loss is not in the group on the new connection.
     queue_link_losses: AtomicU64,
+    /// Point-to-point messages given back to their queue group, by the
+    /// token of their reply subject, until the server has taken them.
+    pub given_back: Mutex<GivenBack>,
+}
+
+/// A message the bridge gave back to its queue group, kept until some
+/// consumer has taken it: the server's "no responders" answer to a
+/// give-back goes to the bridge (it published it), so the bridge, not the
+/// message's producer, has to publish it again.
+pub struct GivenBackMsg {
+    pub route: usize,
+    pub subject: async_nats::Subject,
+    pub headers: HeaderMap,
+    pub payload: Bytes,
+    /// When it was first given back.
+    pub since: Instant,
+    /// When it was last published.
+    pub sent: Instant,
+}
+
+/// The messages given back and not yet known to be taken.
+#[derive(Default)]
+pub struct GivenBack {
+    next: u64,
+    msgs: HashMap<u64, GivenBackMsg>,
+}
+
+/// Most given-back messages kept at once; past it a message is given back
+/// once, without a second try.
+const MAX_GIVEN_BACK: usize = 10_000;
+
+/// How long a given-back message with no "no responders" answer is kept:
+/// the server answers as it handles the publish, so by then some consumer
+/// has it.
+const GIVEN_BACK_SETTLED: Duration = Duration::from_secs(5);
+
+impl GivenBack {
+    /// Keeps `msg` under a new token, or returns `None` when full.
+    pub fn keep(&mut self, msg: GivenBackMsg) -> Option<u64> {
+        if self.msgs.len() >= MAX_GIVEN_BACK {
+            // Those some consumer took are only known by their silence.
+            let now = Instant::now();
+            self.msgs
+                .retain(|_, m| now.duration_since(m.sent) < GIVEN_BACK_SETTLED);
+        }
+        if self.msgs.len() >= MAX_GIVEN_BACK {
+            return None;
+        }
+        self.next += 1;
+        self.msgs.insert(self.next, msg);
+        Some(self.next)
+    }
+
+    /// The message kept under `token`, if it is still kept.
+    pub fn take(&mut self, token: u64) -> Option<GivenBackMsg> {
+        self.msgs.remove(&token)
+    }
 }
 
 /// Where a point-to-point route's queue member stands (server mode).
@@ -285,6 +342,7 @@ impl Bridge {
             attach: OnceLock::new(),
             legacy_consumers,
             queue_link_losses: AtomicU64::new(0),
+            given_back: Mutex::new(GivenBack::default()),
             nats_up: tokio::sync::Notify::new(),
             queue_join: (0..routes_len)
                 .map(|_| {
@@ -929,6 +987,33 @@ pub fn reply(ack: Option<AckSender>, result: Result<(), &str>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn given(route: usize) -> GivenBackMsg {
+        let now = Instant::now();
+        GivenBackMsg {
+            route,
+            subject: "trades.new".into(),
+            headers: HeaderMap::new(),
+            payload: Bytes::from_static(b"{}"),
+            since: now,
+            sent: now,
+        }
+    }
+
+    #[test]
+    fn given_back_messages_are_kept_once_each_and_bounded() {
+        let mut g = GivenBack::default();
+        let a = g.keep(given(1)).unwrap();
+        let b = g.keep(given(2)).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(g.take(b).map(|m| m.route), Some(2));
+        assert!(g.take(b).is_none(), "taken twice");
+        for _ in 1..MAX_GIVEN_BACK {
+            assert!(g.keep(given(0)).is_some());
+        }
+        assert!(g.keep(given(0)).is_none(), "kept past the bound");
+        assert_eq!(g.take(a).map(|m| m.route), Some(1));
+    }
 
     /// One client's rooms and the counts, changed as the server changes them.
     fn join(rooms: &mut RoomCounts, client: &mut BTreeSet<String>, topic: &str) {

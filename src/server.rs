@@ -705,6 +705,11 @@ async fn confirm_member(
 /// Leaves the queue group without losing what the server already sent this
 /// member: drains the subscription, hands what still arrives to the room if
 /// it has a member again, and gives the rest back to the group.
+///
+/// Known shortcoming: async-nats 0.51 forgets a drained subscription at its
+/// next read instead of at the server's answer to the drain's ping, so a
+/// message still on the wire then is dropped by the client, unseen (a
+/// window of about one round trip; README, point-to-point limits).
 async fn leave_queue_group(
     bridge: &Arc<Bridge>,
     qclient: &async_nats::Client,
@@ -758,14 +763,18 @@ fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: &async_nats::Message) ->
 
 /// Gives a point-to-point message back to the queue group, once. Published
 /// on `qclient`, the connection whose queue subscription let it go, after
-/// its unsubscribe, so the server does not choose this bridge again.
+/// its unsubscribe, so the server does not choose this bridge again. Its
+/// reply subject carries a token: if the server answers "no responders"
+/// (no consumer anywhere just then), `watch_no_responders` publishes it
+/// again until some consumer takes it or `GIVE_BACK_RETRY_FOR` has passed,
+/// as a producer that retries unconsumed orders would (the answer comes to
+/// the bridge, which published it, not to the producer).
 pub(crate) async fn requeue(
     bridge: &Arc<Bridge>,
     qclient: &async_nats::Client,
     route: usize,
     msg: async_nats::Message,
 ) {
-    const H_REQUEUED: &str = "Tradefeed-Bridge-Requeued";
     let mut headers = msg.headers.clone().unwrap_or_default();
     if headers.get(H_REQUEUED).is_some() {
         bridge.undeliverable(
@@ -775,47 +784,119 @@ pub(crate) async fn requeue(
         return;
     }
     headers.insert(H_REQUEUED, bridge.instance_id.as_str());
-    let reply = format!("{}.{}", bridge.no_responders_prefix(), route);
+    let now = Instant::now();
+    let kept = crate::bridge::GivenBackMsg {
+        route,
+        subject: msg.subject.clone(),
+        headers,
+        payload: msg.payload.clone(),
+        since: now,
+        sent: now,
+    };
     let name = &bridge.routes.get(route).name;
-    if let Err(e) = qclient
-        .publish_with_reply_and_headers(msg.subject.clone(), reply, headers, msg.payload.clone())
-        .await
-    {
-        bridge.undeliverable(
-            route,
-            &format!("giving it back to the queue group failed: {e}"),
-        );
-    } else {
+    if give_back(bridge, qclient, kept).await {
         metrics::counter!(telemetry::REQUEUED, "route" => name.clone()).increment(1);
         tracing::info!(subject = %msg.subject, "gave a point-to-point message back: no legacy consumer is left");
     }
 }
 
+/// Marks a message the bridge gave back to its queue group.
+const H_REQUEUED: &str = "Tradefeed-Bridge-Requeued";
+
+/// How long the bridge keeps publishing again a given-back message that
+/// found no consumer, and how long it waits before its second try.
+const GIVE_BACK_RETRY_FOR: Duration = Duration::from_secs(10);
+const GIVE_BACK_RETRY_EVERY: Duration = Duration::from_millis(25);
+
+/// Publishes a given-back message, kept under a reply token for its "no
+/// responders" answer. `false` (counted undeliverable) if it cannot be sent.
+async fn give_back(
+    bridge: &Arc<Bridge>,
+    client: &async_nats::Client,
+    mut m: crate::bridge::GivenBackMsg,
+) -> bool {
+    let prefix = bridge.no_responders_prefix();
+    let route = m.route;
+    m.sent = Instant::now();
+    let (subject, headers, payload) = (m.subject.clone(), m.headers.clone(), m.payload.clone());
+    let token = lock(&bridge.given_back).keep(m);
+    let reply = match token {
+        Some(t) => format!("{prefix}.{route}.{t}"),
+        // Too many kept: one try, whose "no responders" is only counted.
+        None => format!("{prefix}.{route}"),
+    };
+    match client
+        .publish_with_reply_and_headers(subject, reply, headers, payload)
+        .await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            if let Some(t) = token {
+                lock(&bridge.given_back).take(t);
+            }
+            bridge.undeliverable(
+                route,
+                &format!("giving it back to the queue group failed: {e}"),
+            );
+            false
+        }
+    }
+}
+
 /// Counts point-to-point messages that reached no consumer anywhere: the
-/// server answers their reply subject with "no responders".
+/// server answers their reply subject with "no responders". A message the
+/// bridge gave back (its reply has a token) is published again on the same
+/// connection a little later, for a while, before it counts.
 pub async fn watch_no_responders(
     bridge: Arc<Bridge>,
     client: async_nats::Client,
 ) -> anyhow::Result<()> {
-    let mut sub = client
-        .subscribe(format!("{}.>", bridge.no_responders_prefix()))
-        .await?;
+    let prefix = format!("{}.", bridge.no_responders_prefix());
+    let mut sub = client.subscribe(format!("{prefix}>")).await?;
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
             if msg.status != Some(async_nats::StatusCode::NO_RESPONDERS) {
                 continue;
             }
-            let route = msg
+            let mut parts = msg
                 .subject
-                .rsplit('.')
+                .strip_prefix(prefix.as_str())
+                .unwrap_or_default()
+                .split('.');
+            let route = parts
                 .next()
                 .and_then(|r| r.parse::<usize>().ok())
                 .filter(|r| *r < bridge.routes.routes().len());
-            if let Some(route) = route {
-                bridge.undeliverable(
+            let Some(route) = route else { continue };
+            let kept = parts
+                .next()
+                .and_then(|t| t.parse::<u64>().ok())
+                .and_then(|t| lock(&bridge.given_back).take(t));
+            match kept {
+                Some(m)
+                    if m.since.elapsed() < GIVE_BACK_RETRY_FOR
+                        && !bridge.shutting_down.load(Ordering::Relaxed) =>
+                {
+                    let (bridge, client) = (bridge.clone(), client.clone());
+                    // Slower as the wait gets longer: 25 ms at first, 1 s at most.
+                    let delay = (m.since.elapsed() / 4)
+                        .clamp(GIVE_BACK_RETRY_EVERY, Duration::from_secs(1));
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        give_back(&bridge, &client, m).await;
+                    });
+                }
+                Some(_) => bridge.undeliverable(
+                    route,
+                    &format!(
+                        "given back after its legacy consumer left, it found no consumer for {} s",
+                        GIVE_BACK_RETRY_FOR.as_secs()
+                    ),
+                ),
+                None => bridge.undeliverable(
                     route,
                     "no consumer anywhere (no NATS member in the queue group, no legacy consumer)",
-                );
+                ),
             }
         }
     });

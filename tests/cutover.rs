@@ -1299,3 +1299,76 @@ fn declare(admin: &str, route: &str, present: bool) -> (u16, String) {
         r.body_mut().read_to_string().unwrap_or_default(),
     )
 }
+
+// ------------------------------------------------------------------ an order given back while no consumer exists
+
+/// Server mode, a legacy processor alone, a NATS trade-service. The
+/// processor drains properly (unsubscribe, its leave notice, disconnect)
+/// and comes back, again and again while orders flow. The orders the
+/// bridge had taken for it and gives back to the group find no consumer:
+/// the server's "no responders" answer goes to the bridge (it published
+/// them), so the bridge publishes them again until the processor is back.
+/// Every order is booked once and none is counted undeliverable.
+#[test]
+fn an_order_given_back_while_no_consumer_exists_is_published_again_until_one_takes_it() {
+    let stage = Stage::start(Mode::Server, true);
+    let processor = stage.sim("trade-processor", "trade-processor", &[]);
+    let service = stage.sim(
+        "trade-service",
+        "trade-service",
+        &["--run-id", "S", "--retry-unconsumed"],
+    );
+    service.call(json!({"cmd": "start", "bus": "nats"}));
+    processor.call(json!({"cmd": "add", "bus": "legacy"}));
+    stage.wait_member(true);
+    // The producer retries what it is told nobody took (the moments with
+    // no member at all); what the bridge gave back, the bridge retries.
+    let run = service.send(json!({"cmd": "run", "count": 30000, "rate": 3000}));
+    processor.call(json!({"cmd": "wait", "booked": 200, "timeout_ms": 30000}));
+    let requeued = || {
+        stage.bridge.metric(
+            "tradefeed_bridge_messages_requeued_total",
+            &[("route", R_ORDERS)],
+        )
+    };
+    let t0 = Instant::now();
+    let mut cycles = 0;
+    while cycles < 25 && t0.elapsed() < Duration::from_secs(12) && requeued() == 0.0 {
+        processor.call(json!({"cmd": "remove", "bus": "legacy"}));
+        std::thread::sleep(Duration::from_millis(30));
+        processor.call(json!({"cmd": "add", "bus": "legacy"}));
+        stage.wait_member(true);
+        std::thread::sleep(Duration::from_millis(60));
+        cycles += 1;
+    }
+    service.send(json!({"cmd": "stop"}));
+    service.result(run, RUN_TIMEOUT);
+    let _ = processor.try_call(json!({"cmd": "wait", "booked": 1_000_000, "timeout_ms": 1500}));
+    let s = service.report();
+    let p = processor.report();
+    let sent = s["orders"].as_object().cloned().unwrap_or_default();
+    let booked = p["orders"].as_object().cloned().unwrap_or_default();
+    let missing: Vec<&String> = sent.keys().filter(|id| !booked.contains_key(*id)).collect();
+    let doubled: Vec<&String> = booked
+        .iter()
+        .filter(|(_, b)| b.as_array().is_some_and(|b| b.len() > 1))
+        .map(|(id, _)| id)
+        .collect();
+    let undeliverable = stage.bridge.metric(
+        "tradefeed_bridge_messages_dropped_total",
+        &[("route", R_ORDERS), ("reason", "undeliverable")],
+    );
+    assert!(
+        requeued() > 0.0,
+        "in {cycles} drains the bridge gave no order back"
+    );
+    assert!(
+        missing.is_empty() && doubled.is_empty() && undeliverable == 0.0,
+        "after {cycles} drains: {} orders never booked {:?}, {} doubled; requeued {}, undeliverable {undeliverable}, retried {}",
+        missing.len(),
+        &missing[..missing.len().min(10)],
+        doubled.len(),
+        requeued(),
+        s["retried"]
+    );
+}
