@@ -1372,3 +1372,81 @@ fn an_order_given_back_while_no_consumer_exists_is_published_again_until_one_tak
         s["retried"]
     );
 }
+
+// ------------------------------------------------------------------ attach mode: trade-feed goes away
+
+/// Attach mode, a NATS trade-service, a NATS processor throughout and a
+/// legacy processor on trade-feed, the bridge's path to trade-feed lagging
+/// 150 ms each way (so many orders are on their way to trade-feed at any
+/// moment). trade-feed dies mid-flow and stays down: the orders the group
+/// had handed the bridge for it go back to the group, where the NATS
+/// processor books them. None is lost; the only doubles allowed are orders
+/// the bridge had sent to trade-feed and not seen echoed, which trade-feed
+/// may have handed to its processor before it died (the bridge says how
+/// many in its log).
+#[test]
+fn attach_orders_taken_for_a_trade_feed_that_died_go_back_to_nats_processors() {
+    let nats = Nats::start();
+    let mut hub = Hub::start();
+    let proxy = DelayProxy::start(hub.port, Duration::from_millis(150));
+    let bridge = Bridge::start_opts(
+        &nats,
+        BridgeOpts {
+            env: vec![
+                ("TRADEFEED_BRIDGE_MODE", "attach".into()),
+                ("TRADEFEED_BRIDGE_ATTACH__URL", proxy.url("http")),
+                ("TRADEFEED_BRIDGE_ATTACH__LEASE", "false".into()),
+            ],
+            ..Default::default()
+        },
+    );
+    let sim = |role: &str, extra: &[&str]| {
+        let mut cmd = Command::new("node");
+        cmd.arg(root().join(format!("sim/{role}.js")))
+            .args(["--legacy-url", &hub.url()])
+            .args(["--nats-url", &nats.url()])
+            .args(extra);
+        Sim(Agent::program(role, cmd))
+    };
+    let processor = sim("trade-processor", &[]);
+    let service = sim("trade-service", &["--run-id", "S"]);
+    processor.call(json!({"cmd": "add", "bus": "legacy"}));
+    processor.call(json!({"cmd": "add", "bus": "nats"}));
+    let deadline = Instant::now() + WAIT;
+    while bridge.metric("tradefeed_bridge_queue_member", &[("route", R_ORDERS)]) != 1.0 {
+        assert!(Instant::now() < deadline, "{}", bridge.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    service.call(json!({"cmd": "start", "bus": "nats"}));
+    let count = 3000;
+    let run = service.send(json!({"cmd": "run", "count": count, "rate": 500}));
+    processor.call(json!({"cmd": "wait", "booked": 800, "timeout_ms": 30000}));
+    hub.stop();
+    service.result(run, RUN_TIMEOUT);
+    let _ = processor.try_call(json!({"cmd": "wait", "booked": count, "timeout_ms": 10000}));
+    std::thread::sleep(QUIET);
+    let s = service.report();
+    let p = processor.report();
+    let sent = s["orders"].as_object().cloned().unwrap_or_default();
+    let booked = p["orders"].as_object().cloned().unwrap_or_default();
+    let missing: Vec<&String> = sent.keys().filter(|id| !booked.contains_key(*id)).collect();
+    let doubled = booked
+        .values()
+        .filter(|b| b.as_array().is_some_and(|b| b.len() > 1))
+        .count();
+    let log = bridge.log();
+    let unsure: usize = log
+        .lines()
+        .filter(|l| l.contains("gave back") && l.contains("orders taken for trade-feed"))
+        .filter_map(|l| l.split("unsure=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<usize>().ok())
+        .sum();
+    assert!(
+        missing.is_empty() && doubled <= unsure,
+        "{} of {} orders never booked {:?}; {doubled} booked twice, {unsure} unsure\n{}",
+        missing.len(),
+        sent.len(),
+        &missing[..missing.len().min(10)],
+        tail(&log, 30)
+    );
+}

@@ -58,6 +58,11 @@ struct Pending {
     /// Content key (see `ledger.rs`) of what trade-feed will echo.
     key: String,
     received: Instant,
+    /// A point-to-point order the queue group handed this bridge: what to
+    /// give back to the group if trade-feed cannot have it.
+    given: Option<Arc<async_nats::Message>>,
+    /// Sent to trade-feed once without its echo (queued again at a detach).
+    sent: bool,
 }
 
 /// Whether this bridge mirrors or stands by.
@@ -254,12 +259,18 @@ impl Attach {
                 );
             }
             Role::Standby => {
+                // Point-to-point orders not sent yet stay queued: the queue
+                // member, leaving the group now, gives them back to it (the
+                // new active bridge never got them). Those sent and not
+                // echoed most likely reached trade-feed, which is still there.
+                let orders = take_orders(&mut st.outbox);
                 let mut waiting: Vec<Pending> =
                     st.in_flight.drain().into_iter().map(|(_, p)| p).collect();
                 waiting.extend(st.outbox.drain(..));
                 for p in waiting {
                     self.shadow(&mut st, p, now);
                 }
+                st.outbox.extend(orders);
                 self.active.store(false, Ordering::Relaxed);
                 tracing::warn!(why, "attach role: standby");
             }
@@ -294,6 +305,44 @@ impl Attach {
                 self.work.notify_one();
             }
             Role::Standby => self.shadow(&mut st, p, Instant::now()),
+        }
+    }
+
+    /// Gives the orders of `route` the queue group handed this bridge and
+    /// trade-feed has not had back to the group, on the queue-member
+    /// connection `client` after its member left (once each: see
+    /// `server::requeue`), so that a NATS processor books them while
+    /// trade-feed cannot. Those sent to trade-feed once without its echo
+    /// may have been handed to its consumers before it went away: the log
+    /// says how many.
+    pub(super) async fn give_back_taken(&self, client: &async_nats::Client, route: usize) {
+        let orders: Vec<Pending> = {
+            let mut st = self.state();
+            let mut orders = take_orders(&mut st.outbox);
+            orders.retain(|p| {
+                let mine = p.route == route;
+                if !mine {
+                    st.outbox.push_back(p.clone());
+                }
+                mine
+            });
+            metrics::gauge!(telemetry::BUFFERED).set(st.outbox.len() as f64);
+            orders
+        };
+        if orders.is_empty() {
+            return;
+        }
+        let unsure = orders.iter().filter(|p| p.sent).count();
+        tracing::warn!(
+            orders = orders.len(),
+            unsure,
+            "gave back {} orders taken for trade-feed to their queue group ({unsure} had been sent to trade-feed without its echo: those may be booked twice)",
+            orders.len()
+        );
+        for p in orders {
+            if let Some(msg) = p.given {
+                crate::server::requeue(&self.bridge, client, p.route, (*msg).clone()).await;
+            }
         }
     }
 
@@ -382,8 +431,19 @@ impl Attach {
             body: body.into(),
             key,
             received: Instant::now(),
+            given: None,
+            sent: false,
         })
     }
+}
+
+/// Takes the point-to-point orders the queue group handed this bridge out
+/// of `queue`, in order, leaving the rest.
+fn take_orders(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
+    let (orders, rest): (Vec<Pending>, Vec<Pending>) =
+        queue.drain(..).partition(|p| p.given.is_some());
+    queue.extend(rest);
+    orders
 }
 
 /// The `publish` argument for trade-feed, assembled around the raw JSON of

@@ -164,6 +164,9 @@ pub(super) async fn run_queue_member(
         } else if !want {
             if let Some(s) = sub.take() {
                 leave_queue_group(&attach, &client, s, route).await;
+                if !attach.is_active() || !attach.attached.load(Ordering::Relaxed) {
+                    attach.give_back_taken(&client, route).await;
+                }
                 settled_on_trade_feed(&attach, route).await;
                 member.set(0.0);
                 tracing::info!(%subject, %group, "left the queue group");
@@ -255,7 +258,8 @@ impl Attach {
             .queued_to_legacy(&msg, route, |route, topic, env| {
                 pending = self.pending(route, topic, env);
             });
-        if let Some(p) = pending {
+        if let Some(mut p) = pending {
+            p.given = Some(Arc::new(msg));
             self.to_legacy(p);
         }
     }

@@ -295,7 +295,9 @@ impl Attach {
     }
 
     /// Detached: what was sent and not echoed is sent again after the
-    /// reconnect, ahead of what waited.
+    /// reconnect, ahead of what waited; except point-to-point orders, which
+    /// the queue member gives back to their group as it leaves it, where a
+    /// NATS processor may book them while trade-feed is away.
     fn detached_now(&self) {
         self.attached.store(false, Ordering::Relaxed);
         self.bridge
@@ -305,7 +307,8 @@ impl Attach {
         st.attached = false;
         st.own_id = None;
         let unconfirmed = st.in_flight.drain();
-        for (_, p) in unconfirmed.into_iter().rev() {
+        for (_, mut p) in unconfirmed.into_iter().rev() {
+            p.sent = true;
             st.outbox.push_front(p);
         }
         self.trim_outbox(&mut st);
