@@ -1188,3 +1188,44 @@ fn b05_first_connect_is_retried_and_long_outages_are_survived() {
     assert_eq!(log.matches("attached to trade-feed").count(), 3, "{log}");
     no_panic(&bridge);
 }
+
+/// Attach mode: after a NATS restart the queue member counts as in the
+/// group again only once the server has confirmed its subscription on the
+/// new connection (`tradefeed_bridge_queue_member` reads 0 meanwhile), and
+/// then a NATS order reaches the legacy processor on trade-feed.
+#[test]
+fn attach_queue_member_is_confirmed_again_after_a_nats_restart() {
+    let mut nats = Nats::start();
+    let hub = Hub::start();
+    let bridge = attach_bridge(
+        &nats,
+        &hub.url(),
+        &[("TRADEFEED_BRIDGE_ATTACH__LEASE", "false")],
+        true,
+    );
+    let legacy_processor = Agent::sio(Lang::Node);
+    legacy_processor.connect(&hub.url(), json!({}));
+    legacy_processor.subscribe("/trades");
+    let member = [("route", "trade-orders")];
+    wait_metric(&bridge, "tradefeed_bridge_queue_member", &member, 1.0, WAIT);
+    nats.stop();
+    wait_metric(&bridge, "tradefeed_bridge_queue_member", &member, 0.0, WAIT);
+    nats.start_again();
+    wait_metric(
+        &bridge,
+        "tradefeed_bridge_queue_member",
+        &member,
+        1.0,
+        Duration::from_secs(30),
+    );
+    let nats_service = Agent::nats(Lang::Node);
+    nats_service.nats_connect(&nats.url());
+    nats_service.pub_json(
+        "trades.new",
+        &json!({"type": "TradeOrder", "from": "trade-service", "topic": "trades.new",
+                "date": 1764781234567u64, "payload": order("R-1")}),
+    );
+    let got = envelopes(&legacy_processor, 1, WAIT, |e| e["topic"] == "/trades");
+    assert_eq!(got.len(), 1, "{got:#?}\n{}", bridge.log());
+    assert_eq!(got[0]["payload"]["id"], "R-1");
+}

@@ -144,7 +144,12 @@ pub(super) async fn run_queue_member(
         format!("_INBOX.{}.queue-joined.{route}", attach.bridge.instance_id),
     )
     .await;
+    // The queue-member connection's loss count when the server last
+    // confirmed the subscription (`None`: to confirm on the connection now).
+    let mut confirmed: Option<u64> = None;
     loop {
+        let link = attach.bridge.queue_link_epoch();
+        let up = client.connection_state() == async_nats::connection::State::Connected;
         let want = attach.is_active()
             && attach.attached.load(Ordering::Relaxed)
             && attach.legacy_consumers(route)
@@ -152,14 +157,28 @@ pub(super) async fn run_queue_member(
         if want && sub.is_none() {
             match client.queue_subscribe(subject.clone(), group.clone()).await {
                 Ok(s) => {
-                    if !joined.confirm(&client).await {
-                        tracing::warn!(%subject, "NATS did not confirm the queue subscription within 5 s; counting it as joined");
-                    }
                     sub = Some(s);
-                    member.set(1.0);
-                    tracing::info!(%subject, %group, "joined the queue group for trade-feed's consumers");
+                    confirmed = None;
+                    tracing::info!(%subject, %group, "joining the queue group for trade-feed's consumers");
                 }
                 Err(e) => tracing::warn!(%subject, "cannot join the queue group: {e}"),
+            }
+        }
+        if want && sub.is_some() && confirmed != Some(link) {
+            // Joined, or subscribed again by the client after a reconnect:
+            // 1 once the server has confirmed it on the connection of now.
+            member.set(0.0);
+            if up {
+                if !joined.confirm(&client).await {
+                    tracing::warn!(%subject, "NATS did not confirm the queue subscription within 5 s; counting it as joined");
+                }
+                if client.connection_state() == async_nats::connection::State::Connected
+                    && attach.bridge.queue_link_epoch() == link
+                {
+                    confirmed = Some(link);
+                    member.set(1.0);
+                    tracing::info!(%subject, %group, "in the queue group for trade-feed's consumers");
+                }
             }
         } else if !want {
             if let Some(s) = sub.take() {
@@ -172,12 +191,16 @@ pub(super) async fn run_queue_member(
                 tracing::info!(%subject, %group, "left the queue group");
             }
         }
+        let unconfirmed = sub.is_some() && confirmed != Some(attach.bridge.queue_link_epoch());
         tokio::select! {
             changed = epoch.changed() => {
                 if changed.is_err() {
                     return;
                 }
             }
+            // A reconnect wakes the loop; this retries a confirmation the
+            // connection lost again meanwhile.
+            _ = tokio::time::sleep(Duration::from_millis(500)), if unconfirmed => {}
             msg = next_queued(&mut sub) => match msg {
                 Some(msg) => attach.take_queued(&client, msg, route).await,
                 None => {
