@@ -263,7 +263,7 @@ impl Attach {
                 // member, leaving the group now, gives them back to it (the
                 // new active bridge never got them). Those sent and not
                 // echoed most likely reached trade-feed, which is still there.
-                let orders = take_orders(&mut st.outbox);
+                let orders = take_orders(&mut st.outbox, |_| true);
                 let mut waiting: Vec<Pending> =
                     st.in_flight.drain().into_iter().map(|(_, p)| p).collect();
                 waiting.extend(st.outbox.drain(..));
@@ -318,14 +318,7 @@ impl Attach {
     pub(super) async fn give_back_taken(&self, client: &async_nats::Client, route: usize) {
         let orders: Vec<Pending> = {
             let mut st = self.state();
-            let mut orders = take_orders(&mut st.outbox);
-            orders.retain(|p| {
-                let mine = p.route == route;
-                if !mine {
-                    st.outbox.push_back(p.clone());
-                }
-                mine
-            });
+            let orders = take_orders(&mut st.outbox, |p| p.route == route);
             metrics::gauge!(telemetry::BUFFERED).set(st.outbox.len() as f64);
             orders
         };
@@ -437,11 +430,11 @@ impl Attach {
     }
 }
 
-/// Takes the point-to-point orders the queue group handed this bridge out
-/// of `queue`, in order, leaving the rest.
-fn take_orders(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
+/// Takes the point-to-point orders the queue group handed this bridge
+/// that `pick` chooses out of `queue`, in order, leaving the rest in theirs.
+fn take_orders(queue: &mut VecDeque<Pending>, pick: impl Fn(&Pending) -> bool) -> Vec<Pending> {
     let (orders, rest): (Vec<Pending>, Vec<Pending>) =
-        queue.drain(..).partition(|p| p.given.is_some());
+        queue.drain(..).partition(|p| p.given.is_some() && pick(p));
     queue.extend(rest);
     orders
 }
