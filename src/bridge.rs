@@ -231,35 +231,42 @@ pub struct GivenBackMsg {
 pub struct GivenBack {
     next: u64,
     msgs: HashMap<u64, GivenBackMsg>,
+    /// Tokens in the order they were published, to forget the settled.
+    order: std::collections::VecDeque<(u64, Instant)>,
 }
 
 /// Most given-back messages kept at once; past it a message is given back
 /// once, without a second try.
 const MAX_GIVEN_BACK: usize = 10_000;
 
-/// How long a given-back message with no "no responders" answer is kept:
-/// the server answers as it handles the publish, so by then some consumer
-/// has it.
+/// How long a given-back message with no "no responders" answer is kept
+/// (it is forgotten at the next give-back after that): the server answers
+/// as it handles the publish, so by then some consumer has it.
 const GIVEN_BACK_SETTLED: Duration = Duration::from_secs(5);
 
 impl GivenBack {
     /// Keeps `msg` under a new token, or returns `None` when full.
     pub fn keep(&mut self, msg: GivenBackMsg) -> Option<u64> {
-        if self.msgs.len() >= MAX_GIVEN_BACK {
-            // Those some consumer took are only known by their silence.
-            let now = Instant::now();
-            self.msgs
-                .retain(|_, m| now.duration_since(m.sent) < GIVEN_BACK_SETTLED);
+        // Those some consumer took are only known by their silence.
+        let now = Instant::now();
+        while let Some(&(token, sent)) = self.order.front() {
+            if now.duration_since(sent) < GIVEN_BACK_SETTLED {
+                break;
+            }
+            self.order.pop_front();
+            self.msgs.remove(&token);
         }
         if self.msgs.len() >= MAX_GIVEN_BACK {
             return None;
         }
         self.next += 1;
+        self.order.push_back((self.next, msg.sent));
         self.msgs.insert(self.next, msg);
         Some(self.next)
     }
 
-    /// The message kept under `token`, if it is still kept.
+    /// The message kept under `token`, if it is still kept (its place in
+    /// `order` goes when it would have settled).
     pub fn take(&mut self, token: u64) -> Option<GivenBackMsg> {
         self.msgs.remove(&token)
     }
@@ -621,12 +628,16 @@ impl Bridge {
 
     /// Records where the route's queue member stands, and sends what was
     /// held while it joined (also when the join failed: then NATS decides,
-    /// and an order nobody takes is counted as undeliverable). Sent under
-    /// the lock, so the held messages go before any later publish.
+    /// and an order nobody takes is counted as undeliverable), unless it is
+    /// `Rejoining`: what is held waits for the confirmation on the new
+    /// connection. Sent under the lock, so the held messages go before any
+    /// later publish.
     pub fn set_queue_membership(&self, route: usize, state: QueueMembership) {
         let mut join = self.queue_join(route);
         join.state = state;
-        self.send_held(&mut join);
+        if state != QueueMembership::Rejoining {
+            self.send_held(&mut join);
+        }
     }
 
     /// The queue-member connection is down: every route whose member was in
@@ -659,12 +670,13 @@ impl Bridge {
     /// joined, and left nothing to downgrade). Returns the state recorded.
     pub fn confirm_queue_membership(&self, route: usize, epoch: u64) -> QueueMembership {
         let mut join = self.queue_join(route);
-        join.state = if self.queue_link_epoch() == epoch {
-            QueueMembership::Joined
+        if self.queue_link_epoch() == epoch {
+            join.state = QueueMembership::Joined;
+            self.send_held(&mut join);
         } else {
-            QueueMembership::Rejoining
-        };
-        self.send_held(&mut join);
+            // Still held: the member confirms again on the new connection.
+            join.state = QueueMembership::Rejoining;
+        }
         join.state
     }
 

@@ -886,6 +886,10 @@ pub async fn watch_no_responders(
                         give_back(&bridge, &client, m).await;
                     });
                 }
+                Some(_) if bridge.shutting_down.load(Ordering::Relaxed) => bridge.undeliverable(
+                    route,
+                    "given back after its legacy consumer left, it found no consumer before the bridge stopped",
+                ),
                 Some(_) => bridge.undeliverable(
                     route,
                     &format!(
