@@ -593,8 +593,7 @@ impl Bridge {
 
     /// Hands a legacy publish on a point-to-point route to NATS, unless the
     /// legacy room `topic` has members and this bridge is not yet in the
-    /// route's queue group for
-    /// them: a consumer that just subscribed would otherwise miss an order
+    /// route's queue group for them: a consumer that just subscribed would otherwise miss an order
     /// published in the round trip its bridge needs to join (the group
     /// would have no member: NATS answers "no responders", or, when some
     /// plain subscriber watches the subject, nothing at all). Such a publish
@@ -605,18 +604,11 @@ impl Bridge {
         // Counted under the join lock, as `leave_queue_membership` does: a
         // count taken before could be of a consumer whose member has left
         // since, and nothing would release what it held.
-        let room_members = self
-            .rooms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .members(topic);
         let hold = matches!(
             join.state,
             QueueMembership::Out | QueueMembership::Rejoining
-        ) && room_members > 0
-            && self.routes.get(route).direction.to_socketio()
-            && self.legacy_consumers(route)
-            && !self.shutting_down.load(Ordering::Relaxed)
+        ) && self.routes.get(route).direction.to_socketio()
+            && self.room_needs_member(route, topic)
             && join.held.len() < MAX_HELD_WHILE_JOINING;
         if hold {
             join.held.push(out);
@@ -688,20 +680,24 @@ impl Bridge {
     /// publish of a new consumer is held instead.
     pub fn leave_queue_membership(&self, route: usize, topic: &str) -> bool {
         let mut join = self.queue_join(route);
-        let members = self
-            .rooms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .members(topic);
-        if members > 0
-            && self.legacy_consumers(route)
-            && !self.shutting_down.load(Ordering::Relaxed)
-        {
+        if self.room_needs_member(route, topic) {
             return false;
         }
         join.state = QueueMembership::Out;
         self.send_held(&mut join);
         true
+    }
+
+    /// Whether the legacy room `topic` of a point-to-point route has a
+    /// consumer the bridge competes for: a member, taking part (not declared
+    /// away), while the bridge is not stopping. Callers hold the join lock.
+    fn room_needs_member(&self, route: usize, topic: &str) -> bool {
+        let members = self
+            .rooms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .members(topic);
+        members > 0 && self.legacy_consumers(route) && !self.shutting_down.load(Ordering::Relaxed)
     }
 
     /// At shutdown: sends every held publish to NATS, so the drain that
