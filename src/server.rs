@@ -704,12 +704,10 @@ async fn confirm_member(
 
 /// Leaves the queue group without losing what the server already sent this
 /// member: drains the subscription, hands what still arrives to the room if
-/// it has a member again, and gives the rest back to the group.
-///
-/// Known shortcoming: async-nats 0.51 forgets a drained subscription at its
-/// next read instead of at the server's answer to the drain's ping, so a
-/// message still on the wire then is dropped by the client, unseen (a
-/// window of about one round trip; README, point-to-point limits).
+/// it has a member again, and gives the rest back to the group. The drain
+/// ends when the server has answered it, so every message it sent this
+/// member before it handled the unsubscribe is seen here (the bridge builds
+/// with a patched async-nats for this: vendor/async-nats/PATCHES.md).
 async fn leave_queue_group(
     bridge: &Arc<Bridge>,
     qclient: &async_nats::Client,

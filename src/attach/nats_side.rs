@@ -220,11 +220,10 @@ async fn next_queued(sub: &mut Option<async_nats::Subscriber>) -> Option<async_n
 }
 
 /// Drains rather than unsubscribes: an unsubscribe drops on arrival the
-/// messages the server already sent this member, a drain still delivers
-/// those already read. They are given back on the same connection, after
-/// its unsubscribe, so the server does not choose this bridge again. (As in
-/// server mode, one still on the wire when the client forgets the drained
-/// subscription is dropped unseen: `server::leave_queue_group`.)
+/// messages the server already sent this member, a drain delivers every one
+/// of them (as in server mode: `server::leave_queue_group`). They are given
+/// back on the same connection, after its unsubscribe, so the server does
+/// not choose this bridge again.
 async fn leave_queue_group(
     attach: &Attach,
     client: &async_nats::Client,
