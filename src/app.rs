@@ -52,6 +52,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let client = nats::connect(&bridge.config.nats, &bridge, &give_up).await?;
     bridge.start_nats(client.clone());
 
+    // The point-to-point members' connection, if any routes are.
+    let mut queue_client: Option<async_nats::Client> = None;
     match bridge.config.mode {
         Mode::Server => {
             let (app, io) = server::build(&bridge);
@@ -91,6 +93,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 server::watch_no_responders(bridge.clone(), client.clone()).await?;
                 let qclient =
                     nats::connect_queue_member(&bridge.config.nats, &bridge, &give_up).await?;
+                queue_client = Some(qclient.clone());
                 // Orders given back to the group are published on this
                 // connection, and the server answers "no responders" only to
                 // the connection that published.
@@ -117,6 +120,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             } else {
                 None
             };
+            queue_client.clone_from(&qclient);
             crate::attach::start(bridge.clone(), client.clone(), qclient).await?;
         }
     }
@@ -140,6 +144,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down: refusing new clients, draining in-flight messages");
     bridge.shutting_down.store(true, Ordering::Relaxed);
     bridge.release_held();
+    // Point-to-point members leave their groups (what the server already
+    // sent them is given back), and given-back orders waiting for a retry
+    // get their last try now.
+    bridge.membership_changed();
+    bridge.retry_now.notify_waiters();
     let _ = stop_tx.send(true);
     // Legacy clients are not sent a WebSocket close frame: io.socket (the
     // Java client TraderX uses) does not notice one until its ping timeout
@@ -158,6 +167,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             lost = left,
             "drain timeout: messages still waiting for NATS were not sent"
         );
+    }
+    if let Some(q) = &queue_client {
+        leave_queue_groups(&bridge, q, deadline).await;
     }
     match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
         Ok(Ok(())) => {}
@@ -178,6 +190,35 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
         Some(why) => Err(anyhow::anyhow!("stopped because {why}")),
     }
+}
+
+/// At shutdown, waits (until `deadline`) for every point-to-point member to
+/// have left its queue group, drained and given back what the server had
+/// already sent it, then for the server's answers to those give-backs: an
+/// order that found no consumer is counted undeliverable before the bridge
+/// exits, not lost without a trace.
+async fn leave_queue_groups(bridge: &Bridge, qclient: &async_nats::Client, deadline: Instant) {
+    while bridge.queue_subscriptions.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let open = bridge.queue_subscriptions.load(Ordering::Acquire);
+    if open > 0 {
+        tracing::error!(
+            open,
+            "drain timeout: still in a queue group; orders on their way to the bridge are lost"
+        );
+        return;
+    }
+    // The server answers "no responders" as it handles a publish, and in
+    // order on the connection: once a message the member connection sends
+    // itself comes back, every answer to its give-backs has arrived.
+    let mut back =
+        nats::Confirmation::open(qclient, format!("_INBOX.{}.stopping", bridge.instance_id)).await;
+    if !back.confirm(qclient).await {
+        tracing::warn!("NATS did not answer before the bridge stopped; orders given back just now may have found no consumer, uncounted");
+    }
+    // The answers are counted by their own task.
+    tokio::time::sleep(Duration::from_millis(20)).await;
 }
 
 async fn shutdown_signal() {

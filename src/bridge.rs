@@ -209,6 +209,11 @@ pub struct Bridge {
     /// Point-to-point messages given back to their queue group, by the
     /// token of their reply subject, until the server has taken them.
     pub given_back: Mutex<GivenBack>,
+    /// Queue subscriptions of point-to-point members that are open or still
+    /// draining: at shutdown the bridge exits once they are 0.
+    pub queue_subscriptions: AtomicUsize,
+    /// Wakes given-back messages waiting to be published again, at shutdown.
+    pub retry_now: tokio::sync::Notify,
 }
 
 /// A message the bridge gave back to its queue group, kept until some
@@ -350,6 +355,8 @@ impl Bridge {
             legacy_consumers,
             queue_link_losses: AtomicU64::new(0),
             given_back: Mutex::new(GivenBack::default()),
+            queue_subscriptions: AtomicUsize::new(0),
+            retry_now: tokio::sync::Notify::new(),
             nats_up: tokio::sync::Notify::new(),
             queue_join: (0..routes_len)
                 .map(|_| {

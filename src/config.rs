@@ -31,7 +31,8 @@ pub struct Config {
     pub log: LogConfig,
     /// The operator console served at `/console/` on the admin port.
     pub console: ConsoleConfig,
-    /// On SIGTERM or Ctrl-C, how long in-flight messages may take to reach NATS.
+    /// On SIGTERM or Ctrl-C, how long in-flight messages may take to reach
+    /// NATS and point-to-point members to leave their queue groups.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
     pub routes: Vec<RouteSpec>,

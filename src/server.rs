@@ -594,6 +594,7 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
             {
                 Ok(s) => {
                     sub = Some(s);
+                    bridge.queue_subscriptions.fetch_add(1, Ordering::AcqRel);
                     let state =
                         confirm_member(&bridge, route, &qclient, &mut joined, &subject).await;
                     member.set(f64::from(state == QueueMembership::Joined));
@@ -619,7 +620,9 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
             if let Some(s) = sub.take() {
                 leave_queue_group(&bridge, &qclient, route, s, None).await;
                 member.set(0.0);
-                if members > 0 && !declared {
+                if bridge.shutting_down.load(Ordering::Relaxed) {
+                    tracing::info!(%subject, %group, "left the queue group: the bridge is stopping");
+                } else if members > 0 && !declared {
                     tracing::info!(%subject, %group, members, "left the queue group: declared without legacy consumers");
                 } else {
                     tracing::info!(%subject, %group, "left the queue group: no legacy consumer");
@@ -663,6 +666,7 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                 None => {
                     bridge.set_queue_membership(route, QueueMembership::Out);
                     sub = None;
+                    bridge.queue_subscriptions.fetch_sub(1, Ordering::AcqRel);
                     member.set(0.0);
                 }
             },
@@ -704,7 +708,9 @@ async fn confirm_member(
 
 /// Leaves the queue group without losing what the server already sent this
 /// member: drains the subscription, hands what still arrives to the room if
-/// it has a member again, and gives the rest back to the group. The drain
+/// it has a member again (not when the bridge is stopping: what a socket is
+/// handed as the process exits may never be written), and gives the rest
+/// back to the group. The drain
 /// ends when the server has answered it, so every message it sent this
 /// member before it handled the unsubscribe is seen here (the bridge builds
 /// with a patched async-nats for this: vendor/async-nats/PATCHES.md).
@@ -725,7 +731,8 @@ async fn leave_queue_group(
     loop {
         match tokio::time::timeout_at(deadline, sub.next()).await {
             Ok(Some(msg)) => {
-                if !take_queued(bridge, route, &msg) {
+                if bridge.shutting_down.load(Ordering::Relaxed) || !take_queued(bridge, route, &msg)
+                {
                     back.push(msg);
                 }
             }
@@ -740,6 +747,7 @@ async fn leave_queue_group(
         requeue(bridge, qclient, route, msg).await;
     }
     let _ = qclient.flush().await;
+    bridge.queue_subscriptions.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// Hands a message the queue group gave this bridge to the legacy room.
@@ -880,7 +888,14 @@ pub async fn watch_no_responders(
                     let delay = (m.since.elapsed() / 4)
                         .clamp(GIVE_BACK_RETRY_EVERY, Duration::from_secs(1));
                     tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
+                        // At shutdown: one last try at once.
+                        let now = bridge.retry_now.notified();
+                        if !bridge.shutting_down.load(Ordering::Relaxed) {
+                            tokio::select! {
+                                _ = tokio::time::sleep(delay) => {}
+                                _ = now => {}
+                            }
+                        }
                         give_back(&bridge, &client, m).await;
                     });
                 }

@@ -158,6 +158,10 @@ pub(super) async fn run_queue_member(
             match client.queue_subscribe(subject.clone(), group.clone()).await {
                 Ok(s) => {
                     sub = Some(s);
+                    attach
+                        .bridge
+                        .queue_subscriptions
+                        .fetch_add(1, Ordering::AcqRel);
                     confirmed = None;
                     tracing::info!(%subject, %group, "joining the queue group for trade-feed's consumers");
                 }
@@ -187,8 +191,16 @@ pub(super) async fn run_queue_member(
                     attach.give_back_taken(&client, route).await;
                 }
                 settled_on_trade_feed(&attach, route).await;
+                attach
+                    .bridge
+                    .queue_subscriptions
+                    .fetch_sub(1, Ordering::AcqRel);
                 member.set(0.0);
-                tracing::info!(%subject, %group, "left the queue group");
+                if attach.bridge.shutting_down.load(Ordering::Relaxed) {
+                    tracing::info!(%subject, %group, "left the queue group: the bridge is stopping");
+                } else {
+                    tracing::info!(%subject, %group, "left the queue group");
+                }
             }
         }
         let unconfirmed = sub.is_some() && confirmed != Some(attach.bridge.queue_link_epoch());
@@ -205,6 +217,7 @@ pub(super) async fn run_queue_member(
                 Some(msg) => attach.take_queued(&client, msg, route).await,
                 None => {
                     sub = None;
+                    attach.bridge.queue_subscriptions.fetch_sub(1, Ordering::AcqRel);
                     member.set(0.0);
                 }
             },
