@@ -90,14 +90,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             bridge.socketio_listening.store(true, Ordering::Relaxed);
             server::subscribe_nats(bridge.clone(), client.clone()).await?;
             if bridge.routes.queue_routes().next().is_some() {
-                server::watch_no_responders(bridge.clone(), client.clone()).await?;
+                server::watch_no_responders(bridge.clone(), client.clone(), "primary").await?;
                 let qclient =
                     nats::connect_queue_member(&bridge.config.nats, &bridge, &give_up).await?;
                 queue_client = Some(qclient.clone());
                 // Orders given back to the group are published on this
                 // connection, and the server answers "no responders" only to
                 // the connection that published.
-                server::watch_no_responders(bridge.clone(), qclient.clone()).await?;
+                server::watch_no_responders(bridge.clone(), qclient.clone(), "queue").await?;
                 let queued: Vec<usize> = bridge
                     .routes
                     .queue_routes()
@@ -169,7 +169,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         );
     }
     if let Some(q) = &queue_client {
-        leave_queue_groups(&bridge, q, deadline).await;
+        leave_queue_groups(&bridge, &client, q, deadline).await;
     }
     match tokio::time::timeout(Duration::from_secs(2), client.flush()).await {
         Ok(Ok(())) => {}
@@ -192,33 +192,57 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// At shutdown, waits (until `deadline`) for every point-to-point member to
-/// have left its queue group, drained and given back what the server had
-/// already sent it, then for the server's answers to those give-backs: an
+/// At shutdown, waits for every point-to-point member to have left its
+/// queue group, drained and given back what the server had already sent it,
+/// then for the server's answers to what both connections published: an
 /// order that found no consumer is counted undeliverable before the bridge
-/// exits, not lost without a trace.
-async fn leave_queue_groups(bridge: &Bridge, qclient: &async_nats::Client, deadline: Instant) {
-    while bridge.queue_subscriptions.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+/// exits, not lost without a trace. Bounded by `deadline`, or a little
+/// after it when the wait for trade-feed used the time up: a member that
+/// is nearly done is not abandoned for want of a moment.
+async fn leave_queue_groups(
+    bridge: &Bridge,
+    client: &async_nats::Client,
+    qclient: &async_nats::Client,
+    deadline: Instant,
+) {
+    let leave_by = deadline.max(Instant::now() + Duration::from_secs(2));
+    while bridge.queue_subscriptions.load(Ordering::Acquire) > 0 && Instant::now() < leave_by {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let open = bridge.queue_subscriptions.load(Ordering::Acquire);
     if open > 0 {
-        tracing::error!(
-            open,
-            "drain timeout: still in a queue group; orders on their way to the bridge are lost"
-        );
+        if qclient.connection_state() == async_nats::connection::State::Connected {
+            tracing::error!(
+                open,
+                "drain timeout: still in a queue group; orders the server sends the bridge now are lost"
+            );
+        } else {
+            tracing::warn!(
+                open,
+                "stopping while NATS is unreachable: the queue groups could not be left in order; what a server still up sends the bridge until it drops the connection is lost"
+            );
+        }
         return;
     }
-    // The server answers "no responders" as it handles a publish, and in
-    // order on the connection: once a message the member connection sends
-    // itself comes back, every answer to its give-backs has arrived.
-    let mut back =
-        nats::Confirmation::open(qclient, format!("_INBOX.{}.stopping", bridge.instance_id)).await;
-    if !back.confirm(qclient).await {
-        tracing::warn!("NATS did not answer before the bridge stopped; orders given back just now may have found no consumer, uncounted");
+    // The marker is the server's own "no responders" answer to a publish
+    // on a subject nobody subscribes to: it comes back on the connection
+    // that published (the primary one does not receive its own messages).
+    let mut seen = bridge.stop_markers.subscribe();
+    let nobody = format!("_INBOX.{}.stopping", bridge.instance_id);
+    for (c, label) in [(client, "primary"), (qclient, "queue")] {
+        let _ = c
+            .publish_with_reply(
+                nobody.clone(),
+                server::stop_marker(bridge, label),
+                bytes::Bytes::new(),
+            )
+            .await;
     }
-    // The answers are counted by their own task.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let answers_by = leave_by.max(Instant::now() + Duration::from_secs(1));
+    let back = tokio::time::timeout_at(answers_by.into(), seen.wait_for(|n| *n >= 2)).await;
+    if !matches!(back, Ok(Ok(_))) {
+        tracing::warn!("NATS did not answer before the bridge stopped: an order given back just now that found no consumer is not counted");
+    }
 }
 
 async fn shutdown_signal() {

@@ -214,6 +214,8 @@ pub struct Bridge {
     pub queue_subscriptions: AtomicUsize,
     /// Wakes given-back messages waiting to be published again, at shutdown.
     pub retry_now: tokio::sync::Notify,
+    /// How many of the shutdown's markers (`watch_no_responders`) came back.
+    pub stop_markers: tokio::sync::watch::Sender<usize>,
 }
 
 /// A message the bridge gave back to its queue group, kept until some
@@ -357,6 +359,7 @@ impl Bridge {
             given_back: Mutex::new(GivenBack::default()),
             queue_subscriptions: AtomicUsize::new(0),
             retry_now: tokio::sync::Notify::new(),
+            stop_markers: tokio::sync::watch::channel(0).0,
             nats_up: tokio::sync::Notify::new(),
             queue_join: (0..routes_len)
                 .map(|_| {

@@ -588,19 +588,21 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
         let declared = bridge.legacy_consumers(route);
         let want = members > 0 && declared && !bridge.shutting_down.load(Ordering::Relaxed);
         if want && sub.is_none() {
+            // Counted from before the subscribe: a shutdown meanwhile waits.
+            bridge.queue_subscriptions.fetch_add(1, Ordering::AcqRel);
             match qclient
                 .queue_subscribe(subject.clone(), group.clone())
                 .await
             {
                 Ok(s) => {
                     sub = Some(s);
-                    bridge.queue_subscriptions.fetch_add(1, Ordering::AcqRel);
                     let state =
                         confirm_member(&bridge, route, &qclient, &mut joined, &subject).await;
                     member.set(f64::from(state == QueueMembership::Joined));
                     tracing::info!(%subject, %group, members, "joined the queue group for legacy consumers");
                 }
                 Err(e) => {
+                    bridge.queue_subscriptions.fetch_sub(1, Ordering::AcqRel);
                     bridge.set_queue_membership(route, QueueMembership::Failed);
                     tracing::warn!(%subject, "cannot join the queue group: {e}");
                 }
@@ -647,7 +649,10 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                 }
             } => match msg {
                 Some(msg) => {
-                    if !take_queued(&bridge, route, &msg) {
+                    // Stopping: given back, not handed to sockets that close
+                    // with the process (the leave below gives it back).
+                    let stopping = bridge.shutting_down.load(Ordering::Relaxed);
+                    if stopping || !take_queued(&bridge, route, &msg) {
                         // The room emptied before its change was seen here:
                         // leave first, then give the message back; unless a
                         // consumer joined meanwhile, who may have published
@@ -656,7 +661,11 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                             if let Some(s) = sub.take() {
                                 leave_queue_group(&bridge, &qclient, route, s, Some(msg)).await;
                                 member.set(0.0);
-                                tracing::info!(%subject, %group, "left the queue group: its last legacy consumer left");
+                                if stopping {
+                                    tracing::info!(%subject, %group, "left the queue group: the bridge is stopping");
+                                } else {
+                                    tracing::info!(%subject, %group, "left the queue group: its last legacy consumer left");
+                                }
                             }
                         } else if !take_queued(&bridge, route, &msg) {
                             requeue(&bridge, &qclient, route, msg).await;
@@ -853,14 +862,25 @@ async fn give_back(
 /// server answers their reply subject with "no responders". A message the
 /// bridge gave back (its reply has a token) is published again on the same
 /// connection a little later, for a while, before it counts.
+///
+/// `label` names the connection (`client`) for the shutdown's marker: the
+/// server answers in order on a connection, so once its answer to a marker
+/// `client` published with the reply subject `stop_marker(label)` is back
+/// here, every answer to what it published before has been counted.
 pub async fn watch_no_responders(
     bridge: Arc<Bridge>,
     client: async_nats::Client,
+    label: &'static str,
 ) -> anyhow::Result<()> {
     let prefix = format!("{}.", bridge.no_responders_prefix());
+    let marker = stop_marker(&bridge, label);
     let mut sub = client.subscribe(format!("{prefix}>")).await?;
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
+            if msg.subject.as_str() == marker {
+                bridge.stop_markers.send_modify(|n| *n += 1);
+                continue;
+            }
             if msg.status != Some(async_nats::StatusCode::NO_RESPONDERS) {
                 continue;
             }
@@ -918,6 +938,11 @@ pub async fn watch_no_responders(
         }
     });
     Ok(())
+}
+
+/// The subject of a connection's shutdown marker (`watch_no_responders`).
+pub fn stop_marker(bridge: &Bridge, label: &str) -> String {
+    format!("{}.stopping.{label}", bridge.no_responders_prefix())
 }
 
 /// Emits an envelope to every socket in the topic's room and in `/*`, once

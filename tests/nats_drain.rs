@@ -8,6 +8,8 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -99,18 +101,48 @@ fn drain_mid_stream(how: Drain) {
                     .expect("probe comes back");
             }
 
-            const N: u64 = 20_000;
+            // The staying member reads throughout (a full client buffer
+            // would drop), until it has what the leaving one did not get.
+            let (target, mut wanted) = tokio::sync::watch::channel(u64::MAX);
+            let reader = tokio::spawn(async move {
+                let mut seen = Vec::new();
+                // 60 s for the round, 5 s once the count owed is known.
+                let mut deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+                while (seen.len() as u64) < *wanted.borrow_and_update() {
+                    tokio::select! {
+                        m = b.next() => match m {
+                            Some(m) => seen.push(seq(&m)),
+                            None => break,
+                        },
+                        _ = wanted.changed() => {
+                            deadline = deadline.min(tokio::time::Instant::now() + Duration::from_secs(5));
+                        }
+                        _ = tokio::time::sleep_until(deadline) => break,
+                    }
+                }
+                seen
+            });
+            // The producer publishes until the drain is over, so messages
+            // are on their way to the leaving member when it drains.
+            let stop = Arc::new(AtomicBool::new(false));
             let publisher = tokio::spawn({
                 let producer = producer.clone();
                 let subject = subject.clone();
+                let stop = stop.clone();
                 async move {
-                    for i in 0..N {
+                    let mut sent = 0u64;
+                    while !stop.load(Ordering::Relaxed) && sent < 2_000_000 {
                         producer
-                            .publish(subject.clone(), i.to_string().into())
+                            .publish(subject.clone(), sent.to_string().into())
                             .await
                             .unwrap();
+                        sent += 1;
+                        if sent.is_multiple_of(256) {
+                            tokio::task::yield_now().await;
+                        }
                     }
                     producer.flush().await.unwrap();
+                    sent
                 }
             });
             // Drain once the leaving member is well into the stream.
@@ -128,22 +160,16 @@ fn drain_mid_stream(how: Drain) {
             }
             let (after, ended) = read_all(&mut a, Duration::from_secs(10)).await;
             assert!(ended, "round {round}: the drained subscription never ended");
-            publisher.await.unwrap();
+            stop.store(true, Ordering::Relaxed);
+            let n = publisher.await.unwrap();
 
             let mut got: Vec<u64> = before.into_iter().chain(after).collect();
-            let expect_b = |got: &Vec<u64>, b_seen: &Vec<u64>| got.len() + b_seen.len();
-            let mut b_seen = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while (expect_b(&got, &b_seen) as u64) < N && Instant::now() < deadline {
-                match tokio::time::timeout(Duration::from_millis(500), b.next()).await {
-                    Ok(Some(m)) => b_seen.push(seq(&m)),
-                    _ => break,
-                }
-            }
+            target.send_replace(n.saturating_sub(got.len() as u64));
+            let b_seen = reader.await.unwrap();
             got.extend(b_seen);
             let all: BTreeSet<u64> = got.iter().copied().collect();
             assert_eq!(all.len(), got.len(), "round {round}: a message reached both members");
-            let missing = N - all.len() as u64;
+            let missing = n - all.len() as u64;
             if missing > 0 {
                 lost_rounds.push((round, missing));
             }

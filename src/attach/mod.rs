@@ -476,11 +476,11 @@ pub async fn start(
     }
     nats_side::subscribe_nats(&attach, &client).await?;
     if let Some(qclient) = qclient {
-        crate::server::watch_no_responders(bridge.clone(), client.clone()).await?;
+        crate::server::watch_no_responders(bridge.clone(), client.clone(), "primary").await?;
         // Orders given back to the group are published on the member's
         // connection, and the server answers "no responders" only to the
         // connection that published.
-        crate::server::watch_no_responders(bridge.clone(), qclient.clone()).await?;
+        crate::server::watch_no_responders(bridge.clone(), qclient.clone(), "queue").await?;
         let routes: Vec<usize> = bridge
             .routes
             .queue_routes()

@@ -155,17 +155,19 @@ pub(super) async fn run_queue_member(
             && attach.legacy_consumers(route)
             && !attach.bridge.shutting_down.load(Ordering::Relaxed);
         if want && sub.is_none() {
+            // Counted from before the subscribe: a shutdown meanwhile waits.
+            let open = &attach.bridge.queue_subscriptions;
+            open.fetch_add(1, Ordering::AcqRel);
             match client.queue_subscribe(subject.clone(), group.clone()).await {
                 Ok(s) => {
                     sub = Some(s);
-                    attach
-                        .bridge
-                        .queue_subscriptions
-                        .fetch_add(1, Ordering::AcqRel);
                     confirmed = None;
                     tracing::info!(%subject, %group, "joining the queue group for trade-feed's consumers");
                 }
-                Err(e) => tracing::warn!(%subject, "cannot join the queue group: {e}"),
+                Err(e) => {
+                    open.fetch_sub(1, Ordering::AcqRel);
+                    tracing::warn!(%subject, "cannot join the queue group: {e}");
+                }
             }
         }
         if want && sub.is_some() && confirmed != Some(link) {

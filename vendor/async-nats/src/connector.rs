@@ -712,7 +712,17 @@ impl Connector {
             .easy_write_and_flush([ClientOp::Connect(connect_info), ClientOp::Ping].iter())
             .await?;
 
-        match connection.read_op().await? {
+        // PATCHED (tradefeed-bridge, see PATCHES.md): the PONG is the first
+        // operation other than INFO or +OK. Taking an INFO for it would leave
+        // the PONG to the connection handler, which matches PONGs to the
+        // PINGs it wrote, one for one, to know when a drain is over.
+        let answer = loop {
+            match connection.read_op().await? {
+                Some(ServerOp::Info(_)) | Some(ServerOp::Ok) => continue,
+                other => break other,
+            }
+        };
+        match answer {
             Some(ServerOp::Error(err)) => match err {
                 ServerError::AuthorizationViolation => {
                     tracing::error!(error = %err, "authorization violation");
