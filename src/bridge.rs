@@ -603,8 +603,9 @@ impl Bridge {
 
     /// Hands a legacy publish on a point-to-point route to NATS, unless the
     /// legacy room `topic` has members and this bridge is not yet in the
-    /// route's queue group for them: a consumer that just subscribed would otherwise miss an order
-    /// published in the round trip its bridge needs to join (the group
+    /// route's queue group for them: a consumer that just subscribed would
+    /// otherwise miss an order published in the round trip its bridge needs
+    /// to join (the group
     /// would have no member: NATS answers "no responders", or, when some
     /// plain subscriber watches the subject, nothing at all). Such a publish
     /// is held, in order, until the join is confirmed or fails.

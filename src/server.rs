@@ -622,13 +622,15 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
             if let Some(s) = sub.take() {
                 leave_queue_group(&bridge, &qclient, route, s, None).await;
                 member.set(0.0);
-                if bridge.shutting_down.load(Ordering::Relaxed) {
-                    tracing::info!(%subject, %group, "left the queue group: the bridge is stopping");
-                } else if members > 0 && !declared {
-                    tracing::info!(%subject, %group, members, "left the queue group: declared without legacy consumers");
-                } else {
-                    tracing::info!(%subject, %group, "left the queue group: no legacy consumer");
-                }
+                let why = left_because(
+                    &bridge,
+                    if members > 0 && !declared {
+                        "declared without legacy consumers"
+                    } else {
+                        "no legacy consumer"
+                    },
+                );
+                tracing::info!(%subject, %group, members, "left the queue group: {why}");
             }
         }
         let rejoining =
@@ -649,10 +651,7 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                 }
             } => match msg {
                 Some(msg) => {
-                    // Stopping: given back, not handed to sockets that close
-                    // with the process (the leave below gives it back).
-                    let stopping = bridge.shutting_down.load(Ordering::Relaxed);
-                    if stopping || !take_queued(&bridge, route, &msg) {
+                    if !take_queued(&bridge, route, &msg) {
                         // The room emptied before its change was seen here:
                         // leave first, then give the message back; unless a
                         // consumer joined meanwhile, who may have published
@@ -661,11 +660,8 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                             if let Some(s) = sub.take() {
                                 leave_queue_group(&bridge, &qclient, route, s, Some(msg)).await;
                                 member.set(0.0);
-                                if stopping {
-                                    tracing::info!(%subject, %group, "left the queue group: the bridge is stopping");
-                                } else {
-                                    tracing::info!(%subject, %group, "left the queue group: its last legacy consumer left");
-                                }
+                                let why = left_because(&bridge, "its last legacy consumer left");
+                                tracing::info!(%subject, %group, "left the queue group: {why}");
                             }
                         } else if !take_queued(&bridge, route, &msg) {
                             requeue(&bridge, &qclient, route, msg).await;
@@ -680,6 +676,16 @@ pub async fn run_queue_member(bridge: Arc<Bridge>, qclient: async_nats::Client, 
                 }
             },
         }
+    }
+}
+
+/// Why a member left its queue group, for the log: `otherwise` unless the
+/// bridge is stopping.
+pub(crate) fn left_because(bridge: &Bridge, otherwise: &'static str) -> &'static str {
+    if bridge.shutting_down.load(Ordering::Relaxed) {
+        "the bridge is stopping"
+    } else {
+        otherwise
     }
 }
 
@@ -717,9 +723,7 @@ async fn confirm_member(
 
 /// Leaves the queue group without losing what the server already sent this
 /// member: drains the subscription, hands what still arrives to the room if
-/// it has a member again (not when the bridge is stopping: what a socket is
-/// handed as the process exits may never be written), and gives the rest
-/// back to the group. The drain
+/// it has a member again, and gives the rest back to the group. The drain
 /// ends when the server has answered it, so every message it sent this
 /// member before it handled the unsubscribe is seen here (the bridge builds
 /// with a patched async-nats for this: vendor/async-nats/PATCHES.md).
@@ -740,8 +744,7 @@ async fn leave_queue_group(
     loop {
         match tokio::time::timeout_at(deadline, sub.next()).await {
             Ok(Some(msg)) => {
-                if bridge.shutting_down.load(Ordering::Relaxed) || !take_queued(bridge, route, &msg)
-                {
+                if !take_queued(bridge, route, &msg) {
                     back.push(msg);
                 }
             }
@@ -760,8 +763,13 @@ async fn leave_queue_group(
 }
 
 /// Hands a message the queue group gave this bridge to the legacy room.
-/// `false` when the room has nobody to take it (the caller gives it back).
+/// `false` when the room has nobody to take it, and once the bridge is
+/// stopping (what a socket is handed as the process exits may never be
+/// written): the caller gives it back.
 fn take_queued(bridge: &Arc<Bridge>, route: usize, msg: &async_nats::Message) -> bool {
+    if bridge.shutting_down.load(Ordering::Relaxed) {
+        return false;
+    }
     let Some(io) = bridge.io() else { return false };
     let received = Instant::now();
     let mut handed = true;
@@ -921,7 +929,7 @@ pub async fn watch_no_responders(
                 }
                 Some(_) if bridge.shutting_down.load(Ordering::Relaxed) => bridge.undeliverable(
                     route,
-                    "given back after its legacy consumer left, it found no consumer before the bridge stopped",
+                    "given back to its queue group, it found no consumer before the bridge stopped",
                 ),
                 Some(_) => bridge.undeliverable(
                     route,

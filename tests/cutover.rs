@@ -1240,12 +1240,7 @@ fn server_drains_a_legacy_processor_that_cannot_drain_itself() {
         json!({"cmd": "wait", "booked": 1500 - n(&legacy_report["booked"]), "timeout_ms": 20000}),
     );
     let nats_report = nats.report();
-    let mut bookings: BTreeMap<String, usize> = BTreeMap::new();
-    for r in [&legacy_report, &nats_report] {
-        for (id, b) in r["orders"].as_object().unwrap() {
-            *bookings.entry(id.clone()).or_default() += b.as_array().unwrap().len();
-        }
-    }
+    let bookings = bookings([legacy_report, nats_report]);
     let lost: Vec<&String> = s["orders"]
         .as_object()
         .unwrap()
@@ -1281,6 +1276,17 @@ fn server_drains_a_legacy_processor_that_cannot_drain_itself() {
         body.contains("no point-to-point route named no-such-route"),
         "{body}"
     );
+}
+
+/// How many times each order was booked, over processors' reports.
+fn bookings(reports: impl IntoIterator<Item = Value>) -> BTreeMap<String, usize> {
+    let mut booked: BTreeMap<String, usize> = BTreeMap::new();
+    for r in reports {
+        for (id, b) in r["orders"].as_object().unwrap() {
+            *booked.entry(id.clone()).or_default() += b.as_array().unwrap().len();
+        }
+    }
+    booked
 }
 
 /// `PUT /api/legacy-consumers/<route>` with `present`: (status, body).
@@ -1539,12 +1545,7 @@ fn stopped_mid_flow(mode: Mode) {
         "booked": (sent.len() as u64).saturating_sub(by_legacy),
         "timeout_ms": 20000
     }));
-    let mut bookings: BTreeMap<String, usize> = BTreeMap::new();
-    for r in legacies.iter().map(Sim::report).chain([nats.report()]) {
-        for (id, b) in r["orders"].as_object().unwrap() {
-            *bookings.entry(id.clone()).or_default() += b.as_array().unwrap().len();
-        }
-    }
+    let bookings = bookings(legacies.iter().map(Sim::report).chain([nats.report()]));
     let lost: Vec<&String> = sent
         .keys()
         .filter(|id| !bookings.contains_key(*id))

@@ -188,6 +188,16 @@ pub(super) async fn run_queue_member(
             }
         } else if !want {
             if let Some(s) = sub.take() {
+                let why = crate::server::left_because(
+                    &attach.bridge,
+                    if !attach.is_active() {
+                        "this bridge stands by"
+                    } else if !attach.attached.load(Ordering::Relaxed) {
+                        "trade-feed is unreachable"
+                    } else {
+                        "declared without legacy consumers"
+                    },
+                );
                 leave_queue_group(&attach, &client, s, route).await;
                 if !attach.is_active() || !attach.attached.load(Ordering::Relaxed) {
                     attach.give_back_taken(&client, route).await;
@@ -198,11 +208,7 @@ pub(super) async fn run_queue_member(
                     .queue_subscriptions
                     .fetch_sub(1, Ordering::AcqRel);
                 member.set(0.0);
-                if attach.bridge.shutting_down.load(Ordering::Relaxed) {
-                    tracing::info!(%subject, %group, "left the queue group: the bridge is stopping");
-                } else {
-                    tracing::info!(%subject, %group, "left the queue group");
-                }
+                tracing::info!(%subject, %group, "left the queue group: {why}");
             }
         }
         let unconfirmed = sub.is_some() && confirmed != Some(attach.bridge.queue_link_epoch());
