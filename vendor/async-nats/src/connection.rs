@@ -523,12 +523,18 @@ impl Connection {
 
                 match headers {
                     Some(headers) if !headers.is_empty() => {
-                        let headers = headers.to_bytes();
-
-                        let headers_len = headers.len();
+                        // PATCHED (tradefeed-bridge, see PATCHES.md): a small
+                        // header block is written straight into the write
+                        // buffer, not built in a vector of its own first.
+                        let headers_len = headers.wire_len();
                         let total_len = headers_len + payload.len();
                         small_write!("{headers_len} {total_len}\r\n");
-                        self.write(headers);
+                        if headers_len < WRITE_FLATTEN_THRESHOLD {
+                            self.write_buf_len += headers_len;
+                            headers.write_to(&mut self.flattened_writes);
+                        } else {
+                            self.write(headers.to_bytes());
+                        }
                     }
                     _ => {
                         let payload_len = payload.len();
@@ -536,7 +542,15 @@ impl Connection {
                     }
                 }
 
-                self.write(Bytes::clone(payload));
+                // PATCHED: a small payload is copied from its slice; a clone
+                // of its `Bytes` (to be copied and dropped by `write`) can
+                // allocate.
+                if payload.len() < WRITE_FLATTEN_THRESHOLD {
+                    self.write_buf_len += payload.len();
+                    self.flattened_writes.extend_from_slice(payload);
+                } else {
+                    self.write(Bytes::clone(payload));
+                }
                 self.write("\r\n");
 
                 trace!(
