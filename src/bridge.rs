@@ -16,26 +16,32 @@ use socketioxide::SocketIo;
 use tokio::sync::mpsc;
 
 use crate::config::Config;
-use crate::envelope::{self, EnvelopeOut, Field, NatsBody, Reject};
+use crate::envelope::{self, envelope_bytes, EnvelopeOut, Field, NatsBody, Reject};
 use crate::route::{Mapped, RouteTable};
 use crate::telemetry::{self, LogLimiter, Metrics, TO_NATS, TO_SOCKETIO};
 
-/// Header naming the bridge process that put a message on NATS.
+/// The header the bridge puts on everything it publishes: the bridge
+/// process that mirrored the message. It is what keeps messages from
+/// looping and lets another bridge recognise a mirror. What else a consumer
+/// could want is already in the message: the legacy sender is the body's
+/// `from`, and the legacy topic follows from the subject through the route
+/// table. Each header costs every NATS subscriber a parse per message (with
+/// async-nats, one header took a subscriber's deliveries per second from
+/// 1.2 M to 730 k, three to 500 k: `docs/performance.md`).
 pub const H_ORIGIN: &str = "Tradefeed-Bridge-Origin";
-/// Header carrying the legacy topic of a mirrored message.
+/// The legacy topic of a mirrored message, sent only when the subject does
+/// not tell it (two routes map different legacy topics to one subject: see
+/// `RouteTable::mirrors_back`).
 pub const H_TOPIC: &str = "Tradefeed-Legacy-Topic";
-/// Header carrying the legacy sender (Socket.IO id) of a mirrored message.
-pub const H_FROM: &str = "Tradefeed-Legacy-From";
 
 /// The header names, built once (a name made from a `&str` allocates).
 const H_ORIGIN_NAME: HeaderName = HeaderName::from_static(H_ORIGIN);
 const H_TOPIC_NAME: HeaderName = HeaderName::from_static(H_TOPIC);
-const H_FROM_NAME: HeaderName = HeaderName::from_static(H_FROM);
 
 /// A legacy message waiting for the NATS publisher task.
 pub struct Outbound {
     pub route: usize,
-    pub subject: String,
+    pub subject: async_nats::Subject,
     pub headers: HeaderMap,
     pub body: Bytes,
     pub received: Instant,
@@ -157,6 +163,8 @@ pub struct Bridge {
     pub config: Config,
     pub routes: RouteTable,
     pub instance_id: String,
+    /// `instance_id` as the origin header's value, made once.
+    origin: HeaderValue,
     pub metrics: Metrics,
     pub limiter: LogLimiter,
     pub clients: Mutex<HashMap<Sid, ClientInfo>>,
@@ -334,6 +342,7 @@ impl Bridge {
             max_nats_bytes: AtomicUsize::new(config.nats.max_message_bytes),
             config,
             routes,
+            origin: header_value(&instance_id),
             instance_id,
             metrics,
             limiter: LogLimiter::new(Duration::from_secs(1)),
@@ -536,46 +545,24 @@ impl Bridge {
         received: Instant,
     ) -> Result<Outbound, String> {
         let route = self.routes.get(mapped.route);
-        // Sized up front: grown from empty, the buffer was reallocated
-        // about six times per message.
-        let field_len = |f: &Field<'_>| match f {
-            Field::Raw(r) => r.get().len(),
-            Field::Str(s) => s.len() + 2,
-            Field::Num(_) => 20,
-        };
-        let mut body = Vec::with_capacity(
-            ENVELOPE_FRAMING
-                + kind.get().len()
-                + field_len(&from)
-                + mapped.target.len()
-                + field_len(&date)
-                + payload.map_or(0, |p| p.get().len()),
-        );
-        serde_json::to_writer(
-            &mut body,
-            &EnvelopeOut {
-                kind,
-                from,
-                topic: &mapped.target,
-                date,
-                payload,
-            },
-        )
-        .expect("envelope serializes");
-        let origin = header_value(&self.instance_id);
-        let topic = header_value(legacy_topic);
-        let mut size =
-            body.len() + headers_len(&[(H_ORIGIN, origin.as_str()), (H_TOPIC, topic.as_str())]);
+        let body = envelope_bytes(&EnvelopeOut {
+            kind,
+            from,
+            topic: &mapped.target,
+            date,
+            payload,
+        });
         let mut headers = HeaderMap::new();
-        headers.insert(H_ORIGIN_NAME, origin);
-        headers.insert(H_TOPIC_NAME, topic);
-        if let Field::Str(sender) = from {
-            let sender = header_value(sender);
-            size += headers_len(&[(H_FROM, sender.as_str())]) - HEADER_BLOCK_FRAMING;
-            headers.insert(H_FROM_NAME, sender);
+        headers.insert(H_ORIGIN_NAME, self.origin.clone());
+        let topic = (!self.routes.mirrors_back(&mapped.target, legacy_topic))
+            .then(|| header_value(legacy_topic));
+        // What nats-server (and async-nats) hold against max_payload: the
+        // header block plus the body; the subject does not count.
+        let mut size = body.len() + headers_len(&[(H_ORIGIN, self.origin.as_str())]);
+        if let Some(topic) = topic {
+            size += headers_len(&[(H_TOPIC, topic.as_str())]) - HEADER_BLOCK_FRAMING;
+            headers.insert(H_TOPIC_NAME, topic);
         }
-        // `size` is what nats-server (and async-nats) hold against
-        // max_payload: the header block plus the body; the subject does not count.
         let limit = self.max_nats_bytes();
         if size > limit {
             telemetry::rejected(&route.name, TO_NATS, Reject::TooLarge.label());
@@ -592,9 +579,9 @@ impl Bridge {
         }
         Ok(Outbound {
             route: mapped.route,
-            subject: mapped.target.clone(),
+            subject: async_nats::Subject::from(mapped.target.as_str()),
             headers,
-            body: Bytes::from(body),
+            body,
             received,
             ack: None,
             reply: None,
@@ -784,21 +771,17 @@ impl Bridge {
                 self.pending.fetch_sub(1, Ordering::AcqRel);
                 continue;
             }
-            let subject = async_nats::Subject::from(out.subject);
+            // The subject is moved, not cloned: the first clone of its bytes
+            // would allocate. Log lines after the publish name the route.
             let published = match out.reply {
                 Some(reply) => {
                     client
-                        .publish_with_reply_and_headers(
-                            subject.clone(),
-                            reply,
-                            out.headers,
-                            out.body,
-                        )
+                        .publish_with_reply_and_headers(out.subject, reply, out.headers, out.body)
                         .await
                 }
                 None => {
                     client
-                        .publish_with_headers(subject.clone(), out.headers, out.body)
+                        .publish_with_headers(out.subject, out.headers, out.body)
                         .await
                 }
             };
@@ -811,7 +794,7 @@ impl Bridge {
                     let a = &self.activity[out.route];
                     a.to_nats_ms.store(envelope::now_ms(), Ordering::Relaxed);
                     a.to_nats_count.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%subject, route = %route.name, "legacy -> NATS");
+                    tracing::debug!(route = %route.name, "legacy -> NATS");
                     if let Some(ack) = out.ack {
                         // The ack promises the broker has the message: wait for
                         // a server round trip, off the publishing path.
@@ -822,7 +805,7 @@ impl Bridge {
                     telemetry::dropped(&route.name, TO_NATS, "nats_error", 1);
                     self.warn_limited(
                         "nats_publish_error",
-                        format_args!("NATS refused a publish on {subject}: {e}"),
+                        format_args!("NATS refused a publish on route {}: {e}", route.name),
                     );
                     reply(out.ack, Err(&format!("NATS refused the publish: {e}")));
                 }
@@ -972,10 +955,6 @@ fn header_value(s: &str) -> HeaderValue {
     use std::str::FromStr;
     HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_str("?").expect("ascii"))
 }
-
-/// The keys, quotes and separators of an envelope, and room for a few
-/// escapes in the topic.
-const ENVELOPE_FRAMING: usize = 64;
 
 /// "NATS/1.0\r\n" before the headers and "\r\n" after them.
 const HEADER_BLOCK_FRAMING: usize = 12;

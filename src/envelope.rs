@@ -4,7 +4,9 @@
 //! so payloads are copied byte for byte and never re-encoded on the hot path.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -135,8 +137,13 @@ pub fn parse_publish_event(raw_event: &str) -> Result<Publish<'_>, Reject> {
 /// a string, and the default type.
 fn checked(p: PublishIn<'_>) -> Result<Publish<'_>, Reject> {
     let topic_raw = p.topic.ok_or(Reject::NoTopic)?;
-    let topic: Cow<'_, str> =
-        serde_json::from_str(topic_raw.get()).map_err(|_| Reject::TopicNotString)?;
+    // Borrowed unless it has escapes (serde reads a `Cow` as owned, always).
+    let topic: Cow<'_, str> = match serde_json::from_str::<&str>(topic_raw.get()) {
+        Ok(t) => Cow::Borrowed(t),
+        Err(_) => Cow::Owned(
+            serde_json::from_str::<String>(topic_raw.get()).map_err(|_| Reject::TopicNotString)?,
+        ),
+    };
     let kind = match p.kind {
         Some(k) if k.get() != "null" => k,
         _ => message_type(),
@@ -278,6 +285,28 @@ pub struct EnvelopeOut<'a> {
     pub date: Field<'a>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub payload: Option<&'a RawValue>,
+}
+
+/// The envelope as JSON, in bytes of exactly its length. It is written to a
+/// buffer kept per thread and copied out: a buffer sized by estimate has to
+/// grow while it is written or ends up larger than the text, and `Bytes` made
+/// from a vector whose capacity is not its length costs one more allocation.
+pub fn envelope_bytes(env: &EnvelopeOut<'_>) -> Bytes {
+    /// Larger buffers, left by a large message, are not kept.
+    const KEEP: usize = 64 * 1024;
+    thread_local! {
+        static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    }
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        buf.clear();
+        serde_json::to_writer(&mut *buf, env).expect("an envelope serializes");
+        let bytes = Bytes::copy_from_slice(&buf);
+        if buf.capacity() > KEEP {
+            *buf = Vec::new();
+        }
+        bytes
+    })
 }
 
 /// A field that is either passed through as received or made here.

@@ -256,6 +256,27 @@ impl Template {
         out
     }
 
+    /// Whether the template, with values taken from `src`, reads `expected`
+    /// (`render` without building the string).
+    #[inline]
+    fn renders_as(&self, src: &str, caps: &Captures, expected: &str) -> bool {
+        let mut rest = expected;
+        for seg in &self.segs {
+            let piece = match seg {
+                Seg::Lit(lit) => lit.as_str(),
+                Seg::Var { slot, .. } => {
+                    let (a, b) = caps[*slot];
+                    &src[a as usize..b as usize]
+                }
+            };
+            match rest.strip_prefix(piece) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        }
+        rest.is_empty()
+    }
+
     /// The NATS subscription that covers every subject this template makes:
     /// each token holding a placeholder becomes `*`.
     pub fn subscription(&self) -> String {
@@ -515,6 +536,34 @@ impl RouteTable {
             })
     }
 
+    /// The legacy topic of a bridge's mirror on `subject`, read back from the
+    /// subject alone: through the first route that carries legacy traffic to
+    /// NATS and whose subject template matches. Where two such routes map
+    /// different topics to one subject this cannot tell them apart; a mirror
+    /// whose topic does not read back (`mirrors_back`) carries it in a header.
+    pub fn mirrored_topic(&self, subject: &str) -> Option<Mapped> {
+        let mut caps: Captures = [(0, 0); MAX_PLACEHOLDERS];
+        self.routes
+            .iter()
+            .filter(|r| r.direction.to_nats())
+            .find(|r| r.subject.matches(subject, &mut caps))
+            .map(|r| Mapped {
+                route: r.index,
+                target: r.topic.render(subject, &caps),
+            })
+    }
+
+    /// Whether `mirrored_topic(subject)` is `topic`, without building it.
+    #[inline]
+    pub fn mirrors_back(&self, subject: &str, topic: &str) -> bool {
+        let mut caps: Captures = [(0, 0); MAX_PLACEHOLDERS];
+        self.routes
+            .iter()
+            .filter(|r| r.direction.to_nats())
+            .find(|r| r.subject.matches(subject, &mut caps))
+            .is_some_and(|r| r.topic.renders_as(subject, &caps, topic))
+    }
+
     /// The route whose topic template matches, in any direction.
     pub fn route_for_topic(&self, topic: &str) -> Option<&Route> {
         let mut caps: Captures = [(0, 0); MAX_PLACEHOLDERS];
@@ -676,6 +725,33 @@ mod tests {
             assert_eq!(back.target, topic);
             assert_eq!(back.route, s.route);
         }
+    }
+
+    #[test]
+    fn a_mirror_reads_back_its_topic_unless_two_routes_share_the_subject() {
+        let t = traderx();
+        for topic in ["/trades", "/accounts/1/trades", "/accounts/52355/positions"] {
+            let s = t.to_subject(topic).unwrap().target;
+            assert!(t.mirrors_back(&s, topic), "{topic}");
+            assert_eq!(t.mirrored_topic(&s).unwrap().target, topic);
+        }
+        assert!(!t.mirrors_back("positions.account.1.updated", "/accounts/2/positions"));
+        assert!(!t.mirrors_back("positions.account.1.updated", "/accounts/1/position"));
+        assert!(!t.mirrors_back("positions.account.1.updated", "/accounts/1/positionss"));
+        assert!(!t.mirrors_back("nothing.here", "/trades"));
+
+        // Two legacy topics on one subject: only the first reads back.
+        let shared = RouteTable::compile(&[
+            spec("/desk/{id}/orders", "orders.{id}"),
+            spec("/legacy/{id}/orders", "orders.{id}"),
+        ])
+        .unwrap();
+        assert!(shared.mirrors_back("orders.7", "/desk/7/orders"));
+        assert!(!shared.mirrors_back("orders.7", "/legacy/7/orders"));
+        assert_eq!(
+            shared.mirrored_topic("orders.7").unwrap().target,
+            "/desk/7/orders"
+        );
     }
 
     #[test]

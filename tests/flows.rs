@@ -11,7 +11,7 @@ fn order(id: &str) -> serde_json::Value {
 }
 
 /// A TradeOrder published by a legacy client on /trades arrives once on
-/// trades.new, with the envelope and the provenance headers.
+/// trades.new, with the envelope and the origin header.
 fn trade_order_reaches_nats(publisher: Lang, subscriber: Lang) {
     let nats = Nats::start();
     let bridge = Bridge::start(&nats);
@@ -30,11 +30,11 @@ fn trade_order_reaches_nats(publisher: Lang, subscriber: Lang) {
     assert_eq!(env["topic"], "trades.new");
     assert!(env["date"].as_u64().unwrap() > 1_700_000_000_000);
     assert_eq!(env["payload"], order("T-1"));
-    assert_eq!(
-        header(&msg, "Tradefeed-Legacy-Topic").as_deref(),
-        Some("/trades")
-    );
     assert!(header(&msg, "Tradefeed-Bridge-Origin").is_some_and(|o| o.starts_with("tfb-")));
+    // The subject tells the legacy topic and the body the sender: no more
+    // headers for every subscriber to parse.
+    assert_eq!(header(&msg, "Tradefeed-Legacy-Topic"), None);
+    assert_eq!(header(&msg, "Tradefeed-Legacy-From"), None);
     assert!(
         sub.msgs("orders", SHORT).is_empty(),
         "the order arrived twice"
@@ -288,4 +288,60 @@ fn an_order_on_a_to_nats_point_to_point_route_is_never_held() {
     assert!(started.elapsed() < std::time::Duration::from_secs(3));
     let m = processor.next_msg("q", WAIT);
     assert_eq!(body(&m)["payload"]["id"], "T-1");
+}
+
+/// Where two routes map different legacy topics to one subject, the subject
+/// cannot tell which topic a mirror came from: that mirror carries its topic
+/// in `Tradefeed-Legacy-Topic`, and one whose topic the subject does tell
+/// carries no such header.
+#[test]
+fn a_mirror_names_its_topic_only_where_the_subject_cannot() {
+    let nats = Nats::start();
+    let dir = scratch();
+    let config = dir.path().join("shared-subject.toml");
+    std::fs::write(
+        &config,
+        r#"
+mode = "server"
+[nats]
+servers = ["nats://127.0.0.1:4222"]
+[[routes]]
+name = "desk-orders"
+topic = "/desk/{id}/orders"
+subject = "orders.{id}"
+type = "Order"
+[[routes]]
+name = "legacy-orders"
+topic = "/legacy/{id}/orders"
+subject = "orders.{id}"
+type = "Order"
+"#,
+    )
+    .unwrap();
+    let bridge = Bridge::start_opts(
+        &nats,
+        BridgeOpts {
+            config,
+            ..Default::default()
+        },
+    );
+    let sub = Agent::nats(Lang::Python);
+    sub.nats_connect(&nats.url());
+    sub.sub("orders", "orders.7");
+    let legacy = Agent::sio(Lang::Node);
+    legacy.connect(&bridge.url(), json!({}));
+
+    legacy.publish("/legacy/7/orders", "Order", json!({"n": 1}));
+    let msg = sub.next_msg("orders", WAIT);
+    assert_eq!(body(&msg)["payload"], json!({"n": 1}));
+    assert_eq!(
+        header(&msg, "Tradefeed-Legacy-Topic").as_deref(),
+        Some("/legacy/7/orders")
+    );
+
+    legacy.publish("/desk/7/orders", "Order", json!({"n": 2}));
+    let msg = sub.next_msg("orders", WAIT);
+    assert_eq!(body(&msg)["payload"], json!({"n": 2}));
+    assert_eq!(header(&msg, "Tradefeed-Legacy-Topic"), None);
+    assert!(header(&msg, "Tradefeed-Bridge-Origin").is_some());
 }

@@ -24,8 +24,18 @@ impl Attach {
         if origin == Some(self.bridge.instance_id.as_str()) {
             return;
         }
-        if let Some(topic) = headers.and_then(|h| h.get(H_TOPIC)).map(|v| v.as_str()) {
-            if self.is_mirror_of_ours(msg, topic) {
+        if origin.is_some() {
+            // Another bridge's mirror of a legacy message: its topic is in a
+            // header where the subject does not tell it.
+            let topic = match headers.and_then(|h| h.get(H_TOPIC)) {
+                Some(t) => Some(t.as_str().to_string()),
+                None => self
+                    .bridge
+                    .routes
+                    .mirrored_topic(msg.subject.as_str())
+                    .map(|m| m.target),
+            };
+            if topic.is_some_and(|t| self.is_mirror_of_ours(msg, &t)) {
                 return;
             }
         }
