@@ -20,6 +20,7 @@ use serde_json::{json, Value};
 
 pub mod broker;
 pub mod browser;
+pub mod http;
 pub mod nginx;
 pub mod throttle;
 
