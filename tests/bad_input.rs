@@ -462,6 +462,56 @@ fn binary_payloads_are_refused() {
     }
 }
 
+/// Event arguments that are not JSON: trade-feed closes such a client; the
+/// bridge refuses the event (an ack says why), counts and logs it, and the
+/// client stays connected. No Socket.IO library sends these: the packets
+/// are posted on a raw Engine.IO polling session.
+#[test]
+fn events_whose_arguments_are_not_json_are_refused_and_the_client_stays() {
+    use common::http::PollingSession;
+    let nats = Nats::start();
+    let bridge = Bridge::start(&nats);
+    let sub = Agent::nats(Lang::Python);
+    sub.nats_connect(&nats.url());
+    sub.sub("good", GOOD_SUBJECT);
+    let client = PollingSession::connect(bridge.port);
+    let invalid = |b: &Bridge| {
+        b.metric(
+            REJECTED,
+            &[("direction", "to_nats"), ("reason", "invalid_json")],
+        )
+    };
+    let before = invalid(&bridge);
+
+    client.send(r#"421["publish",{"topic":"/accounts/22/trades","payload":{"id":"#);
+    let ack = client.poll_for("431", WAIT);
+    assert_eq!(
+        ack,
+        r#"431[{"error":"the body is not valid JSON","ok":false}]"#
+    );
+    client.send(r#"422["subscribe","/accounts/22/trades""#);
+    let ack = client.poll_for("432", WAIT);
+    assert_eq!(
+        ack,
+        r#"432[{"error":"the body is not valid JSON","ok":false}]"#
+    );
+    assert_eq!(invalid(&bridge), before + 2.0);
+    let log = bridge.log();
+    assert!(
+        log.contains("refused `publish` from client") && log.contains("the body is not valid JSON"),
+        "{log}"
+    );
+
+    // Still connected: a good publish goes through, to NATS once.
+    client.send(&format!(
+        r#"423["publish",{{"topic":"{GOOD_TOPIC}","type":"Trade","payload":{{"n":1}}}}]"#
+    ));
+    assert_eq!(client.poll_for("433", WAIT), r#"433[{"ok":true}]"#);
+    let msg = sub.next_msg("good", WAIT);
+    assert_eq!(body(&msg)["payload"], json!({"n": 1}));
+    assert!(sub.msgs("good", SHORT).is_empty());
+}
+
 /// A NATS body that is not JSON, or not UTF-8, on a mapped subject reaches no
 /// legacy subscriber and is counted as invalid_json on its route.
 #[test]
