@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::config::Config;
 use crate::envelope::{self, envelope_bytes, EnvelopeOut, Field, NatsBody, Reject};
-use crate::route::{Mapped, RouteTable};
+use crate::route::RouteTable;
 use crate::telemetry::{self, LogLimiter, Metrics, TO_NATS, TO_SOCKETIO};
 
 /// The header the bridge puts on everything it publishes: the bridge
@@ -50,6 +50,20 @@ pub struct Outbound {
     /// "no responders" status tells the bridge nobody consumed it.
     pub reply: Option<String>,
 }
+
+/// Where a legacy topic goes on NATS.
+#[derive(Clone)]
+pub struct Mirror {
+    pub route: usize,
+    pub subject: async_nats::Subject,
+    /// Whether the subject tells the topic back (`RouteTable::mirrors_back`);
+    /// where it does not, the mirror carries the topic in a header.
+    pub reads_back: bool,
+}
+
+/// Topics whose `Mirror` is kept; past this the cache starts again, so a
+/// client publishing on ever new topics costs bounded memory.
+const MAX_MIRRORS: usize = 4096;
 
 /// What the census shows about one legacy client.
 #[derive(Debug, Clone, Serialize)]
@@ -165,6 +179,9 @@ pub struct Bridge {
     pub instance_id: String,
     /// `instance_id` as the origin header's value, made once.
     origin: HeaderValue,
+    /// Legacy topics already mapped: a subject rendered once is shared by
+    /// every later message on the topic (`mirror_for`).
+    mirrors: Mutex<HashMap<Box<str>, Mirror>>,
     pub metrics: Metrics,
     pub limiter: LogLimiter,
     pub clients: Mutex<HashMap<Sid, ClientInfo>>,
@@ -343,6 +360,7 @@ impl Bridge {
             config,
             routes,
             origin: header_value(&instance_id),
+            mirrors: Mutex::new(HashMap::new()),
             instance_id,
             metrics,
             limiter: LogLimiter::new(Duration::from_secs(1)),
@@ -533,10 +551,32 @@ impl Bridge {
 
     /// Builds the NATS message for a legacy one and checks its size. A refusal
     /// is counted and logged here; the caller replies to the client.
+    /// Where a legacy topic goes on NATS, if a route carries it there. A
+    /// subject is rendered once per topic and then shared: each message on
+    /// it would otherwise allocate it twice more (rendered, then copied into
+    /// the client's subject type and cloned there to be checked).
+    pub fn mirror_for(&self, topic: &str) -> Option<Mirror> {
+        let mut mirrors = self.mirrors.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = mirrors.get(topic) {
+            return Some(m.clone());
+        }
+        let mapped = self.routes.to_subject(topic)?;
+        let mirror = Mirror {
+            route: mapped.route,
+            reads_back: self.routes.mirrors_back(&mapped.target, topic),
+            subject: async_nats::Subject::from(mapped.target),
+        };
+        if mirrors.len() >= MAX_MIRRORS {
+            mirrors.clear();
+        }
+        mirrors.insert(topic.into(), mirror.clone());
+        Some(mirror)
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         &self,
-        mapped: &Mapped,
+        mirror: &Mirror,
         legacy_topic: &str,
         kind: &RawValue,
         from: Field<'_>,
@@ -544,18 +584,17 @@ impl Bridge {
         payload: Option<&RawValue>,
         received: Instant,
     ) -> Result<Outbound, String> {
-        let route = self.routes.get(mapped.route);
+        let route = self.routes.get(mirror.route);
         let body = envelope_bytes(&EnvelopeOut {
             kind,
             from,
-            topic: &mapped.target,
+            topic: mirror.subject.as_str(),
             date,
             payload,
         });
         let mut headers = HeaderMap::new();
         headers.insert(H_ORIGIN_NAME, self.origin.clone());
-        let topic = (!self.routes.mirrors_back(&mapped.target, legacy_topic))
-            .then(|| header_value(legacy_topic));
+        let topic = (!mirror.reads_back).then(|| header_value(legacy_topic));
         // What nats-server (and async-nats) hold against max_payload: the
         // header block plus the body; the subject does not count.
         let mut size = body.len() + headers_len(&[(H_ORIGIN, self.origin.as_str())]);
@@ -570,7 +609,7 @@ impl Bridge {
                 "to_nats_too_large",
                 format_args!(
                     "refused a {size}-byte message for {} on route {}: the NATS limit is {limit} bytes",
-                    mapped.target, route.name
+                    mirror.subject, route.name
                 ),
             );
             return Err(format!(
@@ -578,8 +617,8 @@ impl Bridge {
             ));
         }
         Ok(Outbound {
-            route: mapped.route,
-            subject: async_nats::Subject::from(mapped.target.as_str()),
+            route: mirror.route,
+            subject: mirror.subject.clone(),
             headers,
             body,
             received,

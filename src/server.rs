@@ -477,7 +477,7 @@ fn on_publish(
     }
     let from = Field::Str(s.id.as_str());
     let date = Field::Num(now);
-    let mapped = bridge.routes.to_subject(&p.topic);
+    let mapped = bridge.mirror_for(&p.topic);
     // Everything that can refuse the message is checked before anyone gets it.
     let mut outbound = match &mapped {
         Some(m) => match bridge.prepare(m, &p.topic, p.kind, from, date, p.payload, received) {
@@ -534,7 +534,7 @@ fn on_publish(
     }
 }
 
-fn is_queue(bridge: &Bridge, mapped: &Option<crate::route::Mapped>) -> bool {
+fn is_queue(bridge: &Bridge, mapped: &Option<crate::bridge::Mirror>) -> bool {
     mapped
         .as_ref()
         .is_some_and(|m| bridge.routes.get(m.route).delivery == Delivery::Queue)

@@ -128,7 +128,7 @@ impl Attach {
     /// active bridge's mirror shows up (standby).
     fn on_legacy(&self, topic: &str, env: &Value, kind: Value, legacy_key: String, now: Instant) {
         self.bridge.metrics.legacy_publishes.increment(1);
-        let Some(mapped) = self.bridge.routes.to_subject(topic) else {
+        let Some(mapped) = self.bridge.mirror_for(topic) else {
             self.bridge.metrics.unrouted.increment(1);
             tracing::debug!(%topic, "trade-feed message on a topic with no route");
             return;
