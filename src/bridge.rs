@@ -225,6 +225,9 @@ pub struct Bridge {
     legacy_consumers: Vec<AtomicBool>,
     /// Woken when the NATS connection is (re-)established.
     pub nats_up: tokio::sync::Notify,
+    /// The primary connection came up before its client was attached: the
+    /// server and authentication to report once it is (`start_nats`).
+    pub nats_connect_unreported: Mutex<Option<(String, String)>>,
     /// Server mode, per route: whether this bridge is in the route's queue
     /// group, and the legacy publishes held while it joins.
     queue_join: Vec<Mutex<QueueJoin>>,
@@ -388,6 +391,7 @@ impl Bridge {
             retry_now: tokio::sync::Notify::new(),
             stop_markers: tokio::sync::watch::channel(0).0,
             nats_up: tokio::sync::Notify::new(),
+            nats_connect_unreported: Mutex::new(None),
             queue_join: (0..routes_len)
                 .map(|_| {
                     Mutex::new(QueueJoin {
@@ -492,6 +496,14 @@ impl Bridge {
     /// Attaches the NATS client and starts the publisher task.
     pub fn start_nats(self: &Arc<Self>, client: async_nats::Client) {
         let _ = self.nats.set(client.clone());
+        let unreported = self
+            .nats_connect_unreported
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some((server, auth)) = unreported {
+            crate::nats::primary_connected(self, &client, &server, &auth);
+        }
         let rx = self
             .to_nats_rx
             .lock()

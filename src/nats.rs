@@ -66,6 +66,21 @@ enum Kind {
 
 /// How the bridge authenticates, for log lines: names the method and what
 /// identifies the client, never the secret.
+/// Reports the primary connection up: the server's size limit learned, and
+/// one line with what the server says of itself.
+pub fn primary_connected(bridge: &Bridge, client: &async_nats::Client, server: &str, auth: &str) {
+    bridge.learn_server_limit();
+    let info = client.server_info();
+    tracing::info!(
+        %server,
+        server_name = %info.server_name,
+        version = %info.version,
+        max_payload = info.max_payload,
+        %auth,
+        "NATS connected to {server}"
+    );
+}
+
 pub fn auth_method(cfg: &NatsConfig) -> String {
     if let Some(path) = &cfg.credentials_file {
         format!("credentials file {}", path.display())
@@ -291,19 +306,19 @@ impl Dialer {
                 if primary {
                     bridge.nats_up.notify_waiters();
                     bridge.metrics.nats_connected.set(1.0);
-                    bridge.learn_server_limit();
-                    if let Some(c) = bridge.nats() {
-                        let info = c.server_info();
-                        tracing::info!(
-                            %server,
-                            server_name = %info.server_name,
-                            version = %info.version,
-                            max_payload = info.max_payload,
-                            auth = %self.auth,
-                            "{label} connected to {server}"
-                        );
-                        return;
+                    // The first connection can come up before `connect`
+                    // has returned the client that knows the server's
+                    // limits: then the bridge reports it once the client is
+                    // attached (`Bridge::start_nats`).
+                    let mut pending = bridge
+                        .nats_connect_unreported
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    match bridge.nats() {
+                        Some(c) => primary_connected(bridge, c, &server, &self.auth),
+                        None => *pending = Some((server, self.auth.clone())),
                     }
+                    return;
                 }
                 tracing::info!(%server, auth = %self.auth, "{label} connected to {server}");
                 if kind == Kind::QueueMember {
@@ -313,6 +328,10 @@ impl Dialer {
             }
             Event::Disconnected => {
                 if primary {
+                    *bridge
+                        .nats_connect_unreported
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = None;
                     bridge.metrics.nats_connected.set(0.0);
                 }
                 if kind == Kind::QueueMember {
