@@ -296,6 +296,7 @@ pub fn publisher(
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let side = spec.publish;
     let (sio_port, nats_port) = (spec.sio_port, spec.nats_port);
+    let headers = bridge_headers(spec.nats_headers, plan.account);
     async move {
         let permit = gate.acquire_owned().await.expect("semaphore open");
         match side {
@@ -313,7 +314,7 @@ pub fn publisher(
                 Ok(c) => {
                     drop(permit);
                     let _ = ready.send(Ok(()));
-                    nats_publisher(c, plan, go, stop, count, shared).await;
+                    nats_publisher(c, plan, headers, go, stop, count, shared).await;
                 }
                 Err(e) => {
                     let _ = ready.send(Err(e));
@@ -399,9 +400,30 @@ async fn sio_publisher(
     reader.abort();
 }
 
+/// The first `n` of the headers a bridge put on its mirrors.
+fn bridge_headers(n: u8, account: u64) -> Option<async_nats::HeaderMap> {
+    let all = [
+        (
+            "Tradefeed-Bridge-Origin",
+            "tfb-3f2a9c41d07b4e55".to_string(),
+        ),
+        ("Tradefeed-Legacy-Topic", msg::topic(account)),
+        ("Tradefeed-Legacy-From", "x0Pn2dYtK3bWqAAAB".to_string()),
+    ];
+    (n > 0).then(|| {
+        let mut h = async_nats::HeaderMap::new();
+        for (name, value) in all.into_iter().take(n.into()) {
+            h.insert(name, value.as_str());
+        }
+        h
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn nats_publisher(
     client: async_nats::Client,
     plan: Plan,
+    headers: Option<async_nats::HeaderMap>,
     mut go: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
     count: oneshot::Sender<anyhow::Result<u64>>,
@@ -427,7 +449,15 @@ async fn nats_publisher(
             msg::position(&mut payload, plan.account, plan.index, sent, msg::now_ns());
             msg::nats_envelope(&mut body, &subject, &payload);
             let bytes = bytes::Bytes::copy_from_slice(body.as_bytes());
-            if let Err(e) = client.publish(subject.clone(), bytes).await {
+            let published = match &headers {
+                Some(h) => {
+                    client
+                        .publish_with_headers(subject.clone(), h.clone(), bytes)
+                        .await
+                }
+                None => client.publish(subject.clone(), bytes).await,
+            };
+            if let Err(e) = published {
                 failed = Some(anyhow::anyhow!("publisher {}: {e}", plan.index));
                 break 'send;
             }

@@ -50,6 +50,8 @@ pub struct Spec {
     pub watch: Vec<(String, u32)>,
     /// How many connections are opened at once.
     pub connect_parallelism: usize,
+    /// Headers on each NATS publisher's messages (`--nats-headers`).
+    pub nats_headers: u8,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -102,6 +102,13 @@ struct Cli {
     /// The command line to print in the report.
     #[arg(long)]
     command: Option<String>,
+    /// Headers on every message of the load generator's NATS publishers, as
+    /// a bridge puts them on its mirrors: 1 `Tradefeed-Bridge-Origin`, 2 and
+    /// `Tradefeed-Legacy-Topic`, 3 and `Tradefeed-Legacy-From` (what the
+    /// bridge sent before it dropped the last two). Shows what headers cost
+    /// NATS subscribers.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=3))]
+    nats_headers: u8,
     /// Extra environment for the bridge, KEY=VALUE (for experiments).
     #[arg(long)]
     bridge_env: Vec<String>,
@@ -249,6 +256,7 @@ fn run_path(
         nats_port: nats.port,
         watch: vec![],
         connect_parallelism: 64,
+        nats_headers: cli.nats_headers,
     };
     let targets: Vec<&str> = match path {
         "nats-nats" => vec!["nats"],
@@ -337,6 +345,7 @@ fn run_scale(
         nats_port: nats.port,
         watch: vec![(server.name.to_string(), server.pid())],
         connect_parallelism: 32,
+        nats_headers: 0,
     };
     let outcome = rt
         .block_on(load::run(&spec))

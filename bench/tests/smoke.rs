@@ -220,6 +220,43 @@ fn a_flood_sheds_only_what_the_bridge_counts() {
     );
 }
 
+/// NATS publishers that put a bridge's headers on every message (the
+/// instrument behind the header cost in docs/performance.md): still every
+/// message delivered once, to NATS and through the bridge.
+#[test]
+fn nats_publishers_with_a_bridges_headers_deliver_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = run_bench(
+        dir.path(),
+        &[
+            "--duration",
+            "1s",
+            "--drain",
+            "10s",
+            "--shapes",
+            "1x2",
+            "--rates",
+            "200",
+            "--paths",
+            "nats-nats,nats-sio",
+            "--targets",
+            "bridge",
+            "--scale",
+            "none",
+            "--startup-runs",
+            "0",
+            "--nats-headers",
+            "3",
+        ],
+    );
+    let cases = r["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2, "{r}");
+    for c in cases {
+        check_outcome(c, 2);
+    }
+    assert!(r["command"].as_str().unwrap().contains("--nats-headers 3"));
+}
+
 /// Every owed delivery arrived once, and the figures hang together.
 fn check_outcome(c: &Value, subscribers_per_message: u64) {
     let n = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("no {k} in {c}"));
