@@ -27,7 +27,7 @@ use crate::telemetry::{self, LogLimiter, Metrics, TO_NATS, TO_SOCKETIO};
 /// `from`, and the legacy topic follows from the subject through the route
 /// table. Each header costs every NATS subscriber a parse per message (with
 /// async-nats, one header took a subscriber's deliveries per second from
-/// 1.2 M to 730 k, three to 500 k: `docs/performance.md`).
+/// 1.21 M to 706 k, three to 505 k: `docs/performance.md`).
 pub const H_ORIGIN: &str = "Tradefeed-Bridge-Origin";
 /// The legacy topic of a mirrored message, sent only when the subject does
 /// not tell it (two routes map different legacy topics to one subject: see
@@ -61,9 +61,20 @@ pub struct Mirror {
     pub reads_back: bool,
 }
 
-/// Topics whose `Mirror` is kept; past this the cache starts again, so a
-/// client publishing on ever new topics costs bounded memory.
-const MAX_MIRRORS: usize = 4096;
+/// Topics whose `Mirror` is kept; past this the cache starts again. With
+/// `MAX_CACHED_TOPIC` it bounds the cache at about 5 MB, however many topics
+/// clients publish on.
+const MAX_MIRRORS: usize = 8192;
+
+/// Longer topics are not kept in the cache (nor locked for): TraderX's are
+/// under 40 bytes, and a long one costs its mapping each time.
+const MAX_CACHED_TOPIC: usize = 256;
+
+/// Longest subject the bridge publishes on. nats-server closes a
+/// connection whose protocol line (`HPUB <subject> <reply> <sizes>`) is over
+/// its `max_control_line`, 4 KiB by default: one legacy publish on a long
+/// enough topic would have cut every mirror off until the reconnect.
+pub const MAX_SUBJECT_BYTES: usize = 3072;
 
 /// What the census shows about one legacy client.
 #[derive(Debug, Clone, Serialize)]
@@ -561,23 +572,28 @@ impl Bridge {
 
     // ---------------------------------------------------------------- legacy -> NATS
 
-    /// Builds the NATS message for a legacy one and checks its size. A refusal
-    /// is counted and logged here; the caller replies to the client.
     /// Where a legacy topic goes on NATS, if a route carries it there. A
     /// subject is rendered once per topic and then shared: each message on
     /// it would otherwise allocate it twice more (rendered, then copied into
-    /// the client's subject type and cloned there to be checked).
+    /// the client's subject type and cloned there to be checked). Topics
+    /// longer than `MAX_CACHED_TOPIC` are mapped every time.
     pub fn mirror_for(&self, topic: &str) -> Option<Mirror> {
+        let map = || {
+            let mapped = self.routes.to_subject(topic)?;
+            Some(Mirror {
+                route: mapped.route,
+                reads_back: self.routes.mirrors_back(&mapped.target, topic),
+                subject: async_nats::Subject::from(mapped.target),
+            })
+        };
+        if topic.len() > MAX_CACHED_TOPIC {
+            return map();
+        }
         let mut mirrors = self.mirrors.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = mirrors.get(topic) {
             return Some(m.clone());
         }
-        let mapped = self.routes.to_subject(topic)?;
-        let mirror = Mirror {
-            route: mapped.route,
-            reads_back: self.routes.mirrors_back(&mapped.target, topic),
-            subject: async_nats::Subject::from(mapped.target),
-        };
+        let mirror = map()?;
         if mirrors.len() >= MAX_MIRRORS {
             mirrors.clear();
         }
@@ -585,6 +601,9 @@ impl Bridge {
         Some(mirror)
     }
 
+    /// Builds the NATS message for a legacy one and checks its size and its
+    /// subject's. A refusal is counted and logged here; the caller replies
+    /// to the client.
     #[allow(clippy::too_many_arguments)]
     pub fn prepare(
         &self,
@@ -597,6 +616,20 @@ impl Bridge {
         received: Instant,
     ) -> Result<Outbound, String> {
         let route = self.routes.get(mirror.route);
+        if mirror.subject.len() > MAX_SUBJECT_BYTES {
+            let len = mirror.subject.len();
+            telemetry::rejected(&route.name, TO_NATS, Reject::SubjectTooLong.label());
+            self.warn_limited(
+                "to_nats_subject_too_long",
+                format_args!(
+                    "refused a message on route {}: its subject would be {len} bytes, over the bridge's limit of {MAX_SUBJECT_BYTES}",
+                    route.name
+                ),
+            );
+            return Err(format!(
+                "the topic maps to a NATS subject of {len} bytes; at most {MAX_SUBJECT_BYTES} are published"
+            ));
+        }
         let body = envelope_bytes(&EnvelopeOut {
             kind,
             from,

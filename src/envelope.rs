@@ -51,6 +51,7 @@ pub enum Reject {
     BinaryPayload,
     InvalidJson,
     TooLarge,
+    SubjectTooLong,
 }
 
 impl Reject {
@@ -63,6 +64,7 @@ impl Reject {
             Reject::BinaryPayload => "binary_payload",
             Reject::InvalidJson => "invalid_json",
             Reject::TooLarge => "too_large",
+            Reject::SubjectTooLong => "subject_too_long",
         }
     }
 
@@ -75,6 +77,9 @@ impl Reject {
             Reject::BinaryPayload => "binary attachments are not JSON",
             Reject::InvalidJson => "the body is not valid JSON",
             Reject::TooLarge => "the message is larger than the configured limit",
+            Reject::SubjectTooLong => {
+                "the topic maps to a NATS subject longer than the bridge publishes"
+            }
         }
     }
 }

@@ -289,6 +289,7 @@ const ROUTE_SERIES: &[Series] = &[
         ..series(DROPPED, TO_NATS, "undeliverable", BOTH)
     },
     series(REJECTED, TO_NATS, "too_large", BOTH),
+    series(REJECTED, TO_NATS, "subject_too_long", BOTH),
     series(SUPPRESSED, TO_NATS, "own_echo", ATTACH),
     series(SUPPRESSED, TO_NATS, "own_echo_id", ATTACH),
     Series {

@@ -462,6 +462,60 @@ fn binary_payloads_are_refused() {
     }
 }
 
+/// A topic whose subject would be longer than nats-server takes in one
+/// protocol line (4 KiB by default; the server closes the connection of a
+/// client that sends more) is refused with a reason, counted and logged,
+/// and the NATS connection stays up for everything else.
+#[test]
+fn a_topic_whose_subject_would_be_too_long_is_refused_and_nats_stays_connected() {
+    let nats = Nats::start();
+    let bridge = Bridge::start(&nats);
+    let sub = Agent::nats(Lang::Python);
+    sub.nats_connect(&nats.url());
+    sub.sub("good", GOOD_SUBJECT);
+    let client = Agent::sio(Lang::Node);
+    client.connect(&bridge.url(), json!({}));
+
+    let account = "7".repeat(4000);
+    let topic = format!("/accounts/{account}/trades");
+    let subject_len = format!("trades.account.{account}.updated").len();
+    let a = client.emit_ack(
+        "publish",
+        json!([{"topic": topic, "type": "Trade", "payload": {"n": 0}}]),
+    );
+    assert_eq!(a["args"][0]["ok"], false, "{a}");
+    assert_eq!(
+        a["args"][0]["error"],
+        format!(
+            "the topic maps to a NATS subject of {subject_len} bytes; at most 3072 are published"
+        ),
+        "{a}"
+    );
+    let labels = [
+        ("route", "account-trades"),
+        ("direction", "to_nats"),
+        ("reason", "subject_too_long"),
+    ];
+    assert_eq!(bridge.metric(REJECTED, &labels), 1.0);
+    assert!(bridge.log().contains(&format!(
+        "refused a message on route account-trades: its subject would be {subject_len} bytes"
+    )));
+
+    let a = client.emit_ack(
+        "publish",
+        json!([{"topic": GOOD_TOPIC, "type": "Trade", "payload": {"n": 1}}]),
+    );
+    assert_eq!(a["args"][0]["ok"], true, "{a}");
+    let msg = sub.next_msg("good", WAIT);
+    assert_eq!(body(&msg)["payload"], json!({"n": 1}));
+    assert_eq!(bridge.metric(RECONNECTS, &[]), 0.0, "{}", bridge.log());
+    assert!(
+        !bridge.log().contains("disconnected from"),
+        "{}",
+        bridge.log()
+    );
+}
+
 /// Event arguments that are not JSON: trade-feed closes such a client; the
 /// bridge refuses the event (an ack says why), counts and logs it, and the
 /// client stays connected. No Socket.IO library sends these: the packets

@@ -120,6 +120,7 @@ fn every_series_exists_at_zero_from_start_up() {
             (DROPPED, "to_nats", "nats_unavailable"),
             (DROPPED, "to_nats", "nats_error"),
             (REJECTED, "to_nats", "too_large"),
+            (REJECTED, "to_nats", "subject_too_long"),
             (DROPPED, "to_socketio", "client_buffer_full"),
             (REJECTED, "to_socketio", "invalid_json"),
             (SUPPRESSED, "to_socketio", "own_message"),
