@@ -64,8 +64,6 @@ enum Kind {
     Confirmer,
 }
 
-/// How the bridge authenticates, for log lines: names the method and what
-/// identifies the client, never the secret.
 /// Reports the primary connection up: the server's size limit learned, and
 /// one line with what the server says of itself.
 pub fn primary_connected(bridge: &Bridge, client: &async_nats::Client, server: &str, auth: &str) {
@@ -81,6 +79,8 @@ pub fn primary_connected(bridge: &Bridge, client: &async_nats::Client, server: &
     );
 }
 
+/// How the bridge authenticates, for log lines: names the method and what
+/// identifies the client, never the secret.
 pub fn auth_method(cfg: &NatsConfig) -> String {
     if let Some(path) = &cfg.credentials_file {
         format!("credentials file {}", path.display())

@@ -378,7 +378,8 @@ fn on_subscription(
     ack: Option<AckSender>,
 ) {
     let event = if join { "subscribe" } else { "unsubscribe" };
-    // A binary event has no text: no argument, not invalid JSON.
+    // An event that came as binary data (`Value::Bytes`, which the JSON
+    // parser does not produce) has no text: no argument, not invalid JSON.
     let topic: String = match envelope::first_arg(text)
         .map_err(|r| {
             if r == Reject::InvalidJson && text.is_empty() {
