@@ -87,10 +87,10 @@ pub struct ClientInfo {
     pub last_active_ms: u64,
     pub topics: BTreeSet<String>,
     /// Messages published, per topic, for its first
-    /// [`MAX_PUBLISHED_TOPICS`] topics.
+    /// [`MAX_PUBLISHED_TOPICS`] topics of at most [`MAX_LISTED_TOPIC_BYTES`].
     pub published: BTreeMap<String, u64>,
-    /// Messages published on further topics, counted together, so that a
-    /// client publishing on ever new topics costs bounded memory.
+    /// Messages published on further or longer topics, counted together, so
+    /// that a client publishing on ever new topics costs bounded memory.
     pub published_other_topics: u64,
     /// Messages this client should have received but its buffer was full.
     pub dropped: u64,
@@ -100,6 +100,10 @@ pub struct ClientInfo {
 
 /// Topics listed one by one in a client's census entry.
 pub const MAX_PUBLISHED_TOPICS: usize = 1000;
+
+/// Longer topics are counted in a client's census entry, not listed: 1,000
+/// topics near the Socket.IO payload limit would have kept a gigabyte.
+pub const MAX_LISTED_TOPIC_BYTES: usize = 256;
 
 /// The catch-all room: its members get every message.
 pub const CATCH_ALL: &str = "/*";

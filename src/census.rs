@@ -136,9 +136,10 @@ pub struct ClientReport {
     pub connected_at_ms: u64,
     pub last_active_ms: u64,
     pub topics: Vec<String>,
-    /// Messages published, per topic (its first 1,000 topics).
+    /// Messages published, per topic (its first 1,000 topics of at most 256
+    /// bytes).
     pub published: BTreeMap<String, u64>,
-    /// Messages published on topics past the first 1,000, counted together.
+    /// Messages published on further or longer topics, counted together.
     #[serde(default)]
     pub published_other_topics: u64,
     /// Messages it missed because its outgoing buffer was full.

@@ -469,7 +469,9 @@ fn on_publish(
             let listed = c.published.len();
             match c.published.get_mut(p.topic.as_ref()) {
                 Some(n) => *n += 1,
-                None if listed < crate::bridge::MAX_PUBLISHED_TOPICS => {
+                None if listed < crate::bridge::MAX_PUBLISHED_TOPICS
+                    && p.topic.len() <= crate::bridge::MAX_LISTED_TOPIC_BYTES =>
+                {
                     c.published.insert(p.topic.to_string(), 1);
                 }
                 None => c.published_other_topics += 1,
