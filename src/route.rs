@@ -525,12 +525,8 @@ impl RouteTable {
     /// The legacy topic for a subject, for routes that carry NATS traffic to Socket.IO.
     #[inline]
     pub fn to_topic(&self, subject: &str) -> Option<Mapped> {
-        let mut caps: Captures = [(0, 0); MAX_PLACEHOLDERS];
-        self.routes
-            .iter()
-            .filter(|r| r.direction.to_socketio())
-            .find(|r| r.subject.matches(subject, &mut caps))
-            .map(|r| Mapped {
+        self.by_subject(subject, Direction::to_socketio)
+            .map(|(r, caps)| Mapped {
                 route: r.index,
                 target: r.topic.render(subject, &caps),
             })
@@ -542,12 +538,8 @@ impl RouteTable {
     /// different topics to one subject this cannot tell them apart; a mirror
     /// whose topic does not read back (`mirrors_back`) carries it in a header.
     pub fn mirrored_topic(&self, subject: &str) -> Option<Mapped> {
-        let mut caps: Captures = [(0, 0); MAX_PLACEHOLDERS];
-        self.routes
-            .iter()
-            .filter(|r| r.direction.to_nats())
-            .find(|r| r.subject.matches(subject, &mut caps))
-            .map(|r| Mapped {
+        self.by_subject(subject, Direction::to_nats)
+            .map(|(r, caps)| Mapped {
                 route: r.index,
                 target: r.topic.render(subject, &caps),
             })
@@ -556,12 +548,24 @@ impl RouteTable {
     /// Whether `mirrored_topic(subject)` is `topic`, without building it.
     #[inline]
     pub fn mirrors_back(&self, subject: &str, topic: &str) -> bool {
+        self.by_subject(subject, Direction::to_nats)
+            .is_some_and(|(r, caps)| r.topic.renders_as(subject, &caps, topic))
+    }
+
+    /// The first route carrying traffic in the direction `carries` tells
+    /// whose subject template matches `subject`, with what it captured.
+    #[inline]
+    fn by_subject(
+        &self,
+        subject: &str,
+        carries: fn(Direction) -> bool,
+    ) -> Option<(&Route, Captures)> {
         let mut caps: Captures = [(0, 0); MAX_PLACEHOLDERS];
         self.routes
             .iter()
-            .filter(|r| r.direction.to_nats())
+            .filter(|r| carries(r.direction))
             .find(|r| r.subject.matches(subject, &mut caps))
-            .is_some_and(|r| r.topic.renders_as(subject, &caps, topic))
+            .map(|r| (r, caps))
     }
 
     /// The route whose topic template matches, in any direction.

@@ -43,6 +43,23 @@ fn nats_server_bin() -> PathBuf {
 
 const DOC: &str = "# Performance\n\nhand-written text\n\n<!-- bench:results:begin (written by scripts/bench.sh) -->\nold results\n<!-- bench:results:end -->\n\nmore text\n";
 
+/// One second of one shape against the bridge alone, no scale or start-up
+/// runs: what the single-purpose runs below add their options to.
+const QUICK: &[&str] = &[
+    "--duration",
+    "1s",
+    "--drain",
+    "10s",
+    "--shapes",
+    "1x2",
+    "--targets",
+    "bridge",
+    "--scale",
+    "none",
+    "--startup-runs",
+    "0",
+];
+
 /// Runs tfb-bench with `args` (bounded in time) and returns its JSON report.
 fn run_bench(dir: &Path, args: &[&str]) -> Value {
     let json = dir.join("results.json");
@@ -185,25 +202,17 @@ fn a_flood_sheds_only_what_the_bridge_counts() {
     let r = run_bench(
         dir.path(),
         &[
-            "--duration",
-            "1s",
-            "--drain",
-            "10s",
-            "--shapes",
-            "1x2",
-            "--rates",
-            "flood",
-            "--paths",
-            "sio-sio",
-            "--targets",
-            "bridge",
-            "--scale",
-            "none",
-            "--startup-runs",
-            "0",
-            "--bridge-env",
-            "TRADEFEED_BRIDGE_SOCKETIO__MAX_BUFFER_PACKETS=4",
-        ],
+            QUICK,
+            &[
+                "--rates",
+                "flood",
+                "--paths",
+                "sio-sio",
+                "--bridge-env",
+                "TRADEFEED_BRIDGE_SOCKETIO__MAX_BUFFER_PACKETS=4",
+            ],
+        ]
+        .concat(),
     );
     let c = &r["cases"][0];
     assert_eq!(c["flood"], true, "{c}");
@@ -229,25 +238,17 @@ fn nats_publishers_with_a_bridges_headers_deliver_once() {
     let r = run_bench(
         dir.path(),
         &[
-            "--duration",
-            "1s",
-            "--drain",
-            "10s",
-            "--shapes",
-            "1x2",
-            "--rates",
-            "200",
-            "--paths",
-            "nats-nats,nats-sio",
-            "--targets",
-            "bridge",
-            "--scale",
-            "none",
-            "--startup-runs",
-            "0",
-            "--nats-headers",
-            "3",
-        ],
+            QUICK,
+            &[
+                "--rates",
+                "200",
+                "--paths",
+                "nats-nats,nats-sio",
+                "--nats-headers",
+                "3",
+            ],
+        ]
+        .concat(),
     );
     let cases = r["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 2, "{r}");
