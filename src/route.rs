@@ -318,6 +318,14 @@ pub struct Route {
 }
 
 impl Route {
+    /// The legacy topic for a subject this route's subject template matched.
+    fn topic_of(&self, subject: &str, caps: &Captures) -> Mapped {
+        Mapped {
+            route: self.index,
+            target: self.topic.render(subject, caps),
+        }
+    }
+
     pub fn compile(index: usize, spec: &RouteSpec) -> Result<Route, Vec<Problem>> {
         let key = |field: &str| format!("routes[{index}].{field}");
         let mut problems = Vec::new();
@@ -526,10 +534,7 @@ impl RouteTable {
     #[inline]
     pub fn to_topic(&self, subject: &str) -> Option<Mapped> {
         self.by_subject(subject, Direction::to_socketio)
-            .map(|(r, caps)| Mapped {
-                route: r.index,
-                target: r.topic.render(subject, &caps),
-            })
+            .map(|(r, caps)| r.topic_of(subject, &caps))
     }
 
     /// The legacy topic of a bridge's mirror on `subject`, read back from the
@@ -539,10 +544,7 @@ impl RouteTable {
     /// whose topic does not read back (`mirrors_back`) carries it in a header.
     pub fn mirrored_topic(&self, subject: &str) -> Option<Mapped> {
         self.by_subject(subject, Direction::to_nats)
-            .map(|(r, caps)| Mapped {
-                route: r.index,
-                target: r.topic.render(subject, &caps),
-            })
+            .map(|(r, caps)| r.topic_of(subject, &caps))
     }
 
     /// Whether `mirrored_topic(subject)` is `topic`, without building it.
